@@ -95,7 +95,6 @@ class DatasetLayout:
 #   models/{run_name}/fold{N}/            checkpoints, metrics.csv, curves.png
 #   pseudo_labels.h5                      per-cell predictions and embeddings (PSEUDO_LABEL_DATASETS)
 #   denoising/fold{K}.h5                  Y_init, Y_opt, image_id, cell_i, eigenvalues (DENOISED_DATASETS)
-#   selections/{class}_selection.csv      ID,cell_i               cells whose label a selection adds
 # ---------------------------------------------------------------------------------------------
 
 # Pseudo-label HDF5: one row per cell, rows of one image contiguous. Strings are fixed-length bytes.
@@ -145,5 +144,11 @@ class OutputLayout:
     def denoised_h5(self, fold: int) -> Path:
         return self.root / "denoising" / f"fold{fold}.h5"
 
-    def selection_csv(self, class_name: str) -> Path:
-        return self.root / "selections" / f"{class_name.lower().replace(' ', '_')}_selection.csv"
+
+def selection_csv(class_name: str, input_root: str | os.PathLike = "input") -> Path:
+    """`input/{slug}_cells_selection.csv` (ID,cell_i): cells whose label a denoising selection adds.
+
+    'Mitotic spindle' -> input/mitotic_cells_selection.csv, the name the reference used.
+    """
+    slug = class_name.lower().split()[0]
+    return Path(input_root) / f"{slug}_cells_selection.csv"
