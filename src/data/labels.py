@@ -22,7 +22,7 @@ class LabelTableError(ValueError):
 
 
 def parse_label_string(text: str) -> list[int]:
-    """'8|5|0' -> [8, 5, 0]. Raises ValueError for empty strings, non-integers and unknown ids."""
+    """'8|5|0' -> [8, 5, 0]; a repeated class is kept once. ValueError for empty, non-integer, unknown ids."""
     text = str(text).strip()
     if not text or text.lower() == "nan":
         raise ValueError("empty label")
@@ -34,9 +34,8 @@ def parse_label_string(text: str) -> list[int]:
         value = int(part)
         if not 0 <= value < NUM_CLASSES:
             raise ValueError(f"label id {value} outside 0..{NUM_CLASSES - 1}")
-        labels.append(value)
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"label {text!r} repeats a class")
+        if value not in labels:  # the 2021 table has a few repeats such as '13|13'
+            labels.append(value)
     return labels
 
 
