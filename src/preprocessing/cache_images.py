@@ -3,7 +3,7 @@
     python -m src.preprocessing.cache_images --dataset input/synthetic --size 1024 [--public-data]
 
 Resumable: fields already cached are skipped. Unreadable fields are logged, listed in
-`cache_{size}/failed.csv`, and make the exit code 1.
+`cache_{size}/failed_{source}.csv`, and make the exit code 1.
 """
 from __future__ import annotations
 
