@@ -152,3 +152,35 @@ def selection_csv(class_name: str, input_root: str | os.PathLike = "input") -> P
     """
     slug = class_name.lower().split()[0]
     return Path(input_root) / f"{slug}_cells_selection.csv"
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation outputs (stage 4, src.preprocessing.generate_cell_bboxes; format in src/data/bbox_records.py)
+#
+#   bboxes/{source}/{ID}.npz     one record per image: cell_mask uint16 (H, W), boxes int32 (n, 4)
+#                                y0,x0,y1,x1 end-exclusive full-res px, areas, alien_offsets (n+1,)
+#                                and delta-encoded box-relative alien pixel indices of each cell
+#   bboxes/{source}/cells.csv    ID,cell_i,y0,x0,y1,x1,area,image_height,image_width (all records)
+#   bboxes/{source}/failed.csv   ID,error                images that could not be segmented (last run)
+#
+# cell_i everywhere (denoising folds, pseudo-labels, selections, obvious staining) is the 0-based
+# index of the cell in its image's record: the order of `boxes`, label cell_i + 1 in `cell_mask`.
+# Dataset-side tables of stage 1 (src.preprocessing.detect_negatives_with_obvious_staining):
+#   {dataset}/obvious_staining.csv          ID,source,cell_i,top10_mean,obvious
+#   {dataset}/obvious_staining_images.csv   ID,source,n_cells,n_obvious,obvious
+# ---------------------------------------------------------------------------------------------
+OBVIOUS_STAINING_COLUMNS = ("ID", "source", "cell_i", "top10_mean", "obvious")
+OBVIOUS_STAINING_IMAGE_COLUMNS = ("ID", "source", "n_cells", "n_obvious", "obvious")
+
+
+def bbox_records_dir(output_root: str | os.PathLike, source: str) -> Path:
+    """`{output}/bboxes/{source}`: the records of one source ('train', 'public' or 'test')."""
+    return OutputLayout(output_root).bboxes_dir / source
+
+
+def obvious_staining_csv(dataset_root: str | os.PathLike) -> Path:
+    return Path(dataset_root) / "obvious_staining.csv"
+
+
+def obvious_staining_images_csv(dataset_root: str | os.PathLike) -> Path:
+    return Path(dataset_root) / "obvious_staining_images.csv"

@@ -1,0 +1,235 @@
+"""Segment every field into cells and store, per image, the cell mask, the cell boxes and the
+"alien" pixel indices (other cells inside each box); format in src/data/bbox_records.py.
+
+    python -m src.preprocessing.generate_cell_bboxes --dataset input/synthetic --output-dir output
+    python -m src.preprocessing.generate_cell_bboxes --public-data --workers 2
+    python -m src.preprocessing.generate_cell_bboxes --backend hpacellseg \\
+        --nuclei-model models/dpn_unet_nuclei_v1.pth --cell-model models/dpn_unet_cell_3ch_v1.pth
+
+Writes `{output}/bboxes/{source}/{ID}.npz`, then `cells.csv` (one row per cell of every record).
+Resumable: images with a record are skipped, and a record only ever appears complete (temporary
+file + rename), so a killed run is finished by running the same command again. Images that
+cannot be read or segmented are logged and listed in `failed.csv` and the run goes on.
+Exit code: 0 all done, 1 some images failed (see failed.csv), 3 a worker process died (e.g. killed
+for memory): rerun to resume. One run per output folder at a time (a lock file enforces it).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from src.data.bbox_records import (CELL_TABLE_NAME, FAILED_TABLE_NAME, RECORD_SUFFIX, RecordError, build_cell_table,
+                                   build_record, list_record_ids, records_dir, write_record)
+from src.data.images import ImageReadError, read_field
+from src.data.labels import read_label_table
+from src.data.schema import DatasetLayout, OutputLayout
+from src.segmentation import BACKENDS, make_segmenter
+from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
+
+log = logging.getLogger(__name__)
+
+# Test hook: the process dies (os._exit) half-way through writing its N-th record, as a run killed
+# by the OS would. Used by the resume tests only.
+CRASH_ENV = "HPA_BBOXES_CRASH_AFTER"
+EXIT_FAILED_IMAGES = 1
+EXIT_WORKER_DIED = 3
+
+_worker: dict = {}
+
+
+def image_ids(layout: DatasetLayout, source: str) -> list[str]:
+    """IDs of one source in table order: train.csv, public.csv or test.csv."""
+    if source == "test":
+        if not layout.test_csv.is_file():
+            raise UserInputError(f"{layout.test_csv} not found")
+        return pd.read_csv(layout.test_csv, dtype={"ID": str})["ID"].tolist()
+    return read_label_table(layout.train_csv if source == "train" else layout.public_csv, source)["ID"].tolist()
+
+
+def _init_worker(segmenter_config: dict, image_dir: str, out_dir: str, single_thread: bool) -> None:
+    if single_thread:
+        import cv2
+
+        cv2.setNumThreads(1)
+    _worker.update(segmenter=make_segmenter(**segmenter_config), image_dir=image_dir, out_dir=out_dir,
+                   written=0, crash_after=int(os.environ.get(CRASH_ENV, "0") or 0))
+
+
+def _segment_one(image_id: str) -> tuple[str, int, str | None]:
+    """Read, segment and store one field; returns (ID, number of cells, error or None)."""
+    try:
+        field = read_field(_worker["image_dir"], image_id)
+        _, cells = _worker["segmenter"].segment(field)
+        record = build_record(image_id, cells, backend=_worker["segmenter"].name)
+        path = Path(_worker["out_dir"]) / f"{image_id}{RECORD_SUFFIX}"
+        _worker["written"] += 1
+        if _worker["crash_after"] and _worker["written"] >= _worker["crash_after"]:
+            _die_while_writing(path)
+        write_record(path, record)
+        return image_id, record.n_cells, None
+    except ImageReadError as error:
+        return image_id, 0, str(error)
+    except Exception as error:  # a field that breaks segmentation must not stop the run
+        log.debug("segmentation of %s failed:\n%s", image_id, traceback.format_exc())
+        return image_id, 0, f"{type(error).__name__}: {error}"
+
+
+def _die_while_writing(path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"PK\x03\x04 partial")
+        os._exit(137)
+
+
+def _finished(path: Path) -> bool:
+    """A record exists under its final name (zero-size files, which only other tools leave, are redone)."""
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete temporary files left by a killed run (`.{ID}.*.tmp.npz`, `.cells.*.tmp.csv`)."""
+    stale = list(out_dir.glob(f".*.tmp{RECORD_SUFFIX}")) + list(out_dir.glob(".*.tmp.csv"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+class _OutputLock:
+    """An exclusive flock on `{out_dir}/.lock`; released by the OS when the process ends."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".lock"
+
+    def __enter__(self):
+        self.handle = open(self.path, "w")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise UserInputError(f"another generate_cell_bboxes run is writing to {self.path.parent}") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+        return False
+
+
+def generate(layout: DatasetLayout, out_dir: Path, source: str, segmenter_config: dict, workers: int = 1,
+             limit: int | None = None, progress: bool = True) -> tuple[list[tuple[str, str]], int, bool]:
+    """Segment the images of `source` that have no record yet. Returns (failures as (ID, error),
+    number of records written, whether a worker died)."""
+    ids = image_ids(layout, source)
+    ids = ids[:limit] if limit else ids
+    out_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(out_dir)
+    if removed:
+        log.info("removed %d unfinished temporary record(s) of an earlier run", removed)
+    todo = [image_id for image_id in ids if not _finished(out_dir / f"{image_id}{RECORD_SUFFIX}")]
+    log.info("%s: %d of %d images to segment (%s backend) into %s", source, len(todo), len(ids),
+             segmenter_config["backend"], out_dir)
+    init_args = (segmenter_config, str(layout.image_dir(source)), str(out_dir), workers > 1)
+    failures: list[tuple[str, str]] = []
+    written, died = 0, False
+    bar = tqdm(total=len(todo), desc=f"cell boxes ({source})", disable=not progress)
+
+    def handle(result: tuple[str, int, str | None]) -> None:
+        nonlocal written
+        image_id, _, error = result
+        if error:
+            log.warning("skipped %s: %s", image_id, error)
+            failures.append((image_id, error))
+        else:
+            written += 1
+        bar.update(1)
+
+    if workers <= 1:
+        _init_worker(*init_args)
+        for image_id in todo:
+            handle(_segment_one(image_id))
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=init_args) as pool:
+            futures = [pool.submit(_segment_one, image_id) for image_id in todo]
+            try:
+                for future in as_completed(futures):
+                    handle(future.result())
+            except BrokenProcessPool:
+                died = True
+                for future in futures:
+                    future.cancel()
+    bar.close()
+    return failures, written, died
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="input/synthetic", help="dataset folder (default: %(default)s)")
+    parser.add_argument("--output-dir", default="output", help="output folder (default: %(default)s)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--public-data", action="store_true", help="segment public.csv / public/ instead of train")
+    group.add_argument("--test-data", action="store_true", help="segment test.csv / test/ instead of train")
+    parser.add_argument("--backend", choices=BACKENDS, default="classical", help="segmentation backend")
+    parser.add_argument("--nuclei-model", help="hpacellseg nuclei model file (local; nothing is downloaded)")
+    parser.add_argument("--cell-model", help="hpacellseg 3-channel cell model file (local)")
+    parser.add_argument("--device", default="cpu", help="torch device for hpacellseg (default: %(default)s)")
+    parser.add_argument("--work-size", type=int, default=512,
+                        help="long side in px at which fields are segmented; masks are upscaled (default: %(default)s)")
+    parser.add_argument("--use-green", action="store_true", help="classical: add the protein channel to the cell signal")
+    parser.add_argument("--workers", type=int, default=1, help="segmentation processes (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images of the table")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    layout = DatasetLayout(args.dataset)
+    if not layout.root.is_dir():
+        raise UserInputError(f"dataset folder {layout.root} not found")
+    if args.workers < 1 or (args.limit is not None and args.limit < 1) or args.work_size < 32:
+        raise UserInputError("--workers and --limit must be >= 1 and --work-size >= 32")
+    source = "public" if args.public_data else "test" if args.test_data else "train"
+    config = dict(backend=args.backend, work_size=args.work_size, nuclei_model=args.nuclei_model,
+                  cell_model=args.cell_model, device=args.device, use_green=args.use_green)
+    try:
+        make_segmenter(**config)  # fail fast on a missing package or model file, before any worker starts
+    except (RuntimeError, ValueError) as error:
+        raise UserInputError(str(error)) from None
+    out_dir = records_dir(OutputLayout(args.output_dir).bboxes_dir, source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _OutputLock(out_dir):
+        failures, written, died = generate(layout, out_dir, source, config, args.workers, args.limit,
+                                           progress=not args.no_progress)
+        failed_csv = out_dir / FAILED_TABLE_NAME
+        if failures:
+            write_csv_atomic(pd.DataFrame(failures, columns=["ID", "error"]), failed_csv)
+        elif failed_csv.exists() and not died:
+            failed_csv.unlink()
+        try:
+            cells = build_cell_table(out_dir)
+        except RecordError as error:
+            raise UserInputError(f"{error}; delete it and rerun") from None
+        write_csv_atomic(cells, out_dir / CELL_TABLE_NAME)
+    log.info("wrote %d records; %s now holds %d records, %d cells", written, out_dir,
+             len(list_record_ids(out_dir)), len(cells))
+    if died:
+        log.error("a worker process died (killed by the OS, out of memory?); finished records are kept: "
+                  "run the same command again to resume")
+        return EXIT_WORKER_DIED
+    if failures:
+        log.error("%d image(s) could not be segmented; see %s", len(failures), failed_csv)
+        return EXIT_FAILED_IMAGES
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

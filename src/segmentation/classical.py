@@ -1,0 +1,207 @@
+"""Classical (weight-free) nuclei and cell segmentation of an RGBY field.
+
+Nuclei: the smoothed blue channel above half its Otsu threshold (dim, textured nuclei stay whole),
+holes filled, touching nuclei split at distance-transform peaks that stand out relative to the
+image's median nucleus radius (pieces joined by a wide neck are merged back: one textured nucleus),
+nuclei below a fraction of the median nucleus area dropped. Cells: foreground = the smoothed
+red + yellow (+ green) signal above a quarter of its Otsu threshold; a watershed seeded by the
+nuclei on (-signal + distance to the nearest nucleus) splits touching cells between their nuclei
+(along dim gaps where there are some, half-way otherwise); then the shared clean-up
+(postprocess.finish_masks). Everything runs at a working scale (`work_size` px on the long side,
+never upsampled) and the labels are upscaled to full resolution with nearest neighbour.
+
+Lengths in `ClassicalParams` are in pixels of a 512-px working image and are scaled with the actual
+working size, so a parameter means the same fraction of the field at 256, 512, 1728, 2048 or 3072 px.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+from skimage.morphology import local_maxima, reconstruction
+from skimage.segmentation import watershed
+
+from src.segmentation.postprocess import drop_small_relative, finish_masks, keep_labels, object_areas
+
+REFERENCE_WORK_SIZE = 512  # px: the working size at which the lengths below are stated
+
+
+@dataclass(frozen=True)
+class ClassicalParams:
+    """Parameters of the classical backend; lengths in px at a 512-px working image."""
+
+    work_size: int = 512                 # long side of the working image, px (fields are never upsampled)
+    nucleus_sigma: float = 1.5           # Gaussian smoothing of the blue channel
+    nucleus_threshold: float = 0.5       # factor on the Otsu threshold of the smoothed blue channel
+    split_nuclei: bool = True            # split touching nuclei at distance-transform peaks
+    split_depth: float = 0.15            # ... that rise this fraction of the median nucleus radius above the saddle
+    split_max_neck: float = 0.8          # ... unless joined by a neck wider than this x the smaller piece's diameter
+    min_nucleus_fraction: float = 0.15   # drop nuclei below this fraction of the image's median nucleus area
+    cell_sigma: float = 2.5              # Gaussian smoothing of the cell signal
+    cell_threshold: float = 0.25         # factor on the Otsu threshold of the smoothed cell signal
+    use_green: bool = False              # add the protein channel to the cell signal
+    distance_weight: float = 0.5         # elevation = -signal/p99.5 + weight * distance to nuclei / (field side / 4)
+    min_border_cell_fraction: float = 0.15 # drop border cells below this fraction of the median inner cell area
+    min_nucleus_contrast: float = 12.0   # nuclei must be this many 8-bit grey levels above the background
+    min_cell_contrast: float = 0.05      # cell signal must rise this fraction of its 99.5th percentile
+
+    def __post_init__(self):
+        if self.work_size < 32:
+            raise ValueError("work_size must be >= 32 px")
+        for name in ("nucleus_sigma", "cell_sigma", "split_depth"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+
+def working_shape(shape: tuple[int, int], work_size: int) -> tuple[int, int]:
+    """(height, width) of the working image: the long side shrunk to `work_size`, never enlarged."""
+    height, width = shape
+    factor = min(1.0, work_size / max(height, width))
+    return max(1, int(round(height * factor))), max(1, int(round(width * factor)))
+
+
+def _smooth(plane: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(plane, (0, 0), sigma) if sigma > 0 else plane
+
+
+def _threshold(plane: np.ndarray, factor: float, min_contrast: float) -> float:
+    """`factor` x Otsu, but at least `min_contrast` above the 1st percentile (so a field without
+    objects, whose Otsu threshold falls inside the noise, yields nothing)."""
+    sample = plane[::2, ::2]
+    low = float(np.percentile(sample, 1))
+    if float(sample.max()) - low <= min_contrast:
+        return float("inf")
+    return max(float(threshold_otsu(sample)) * factor, low + min_contrast)
+
+
+def split_touching(mask: np.ndarray, depth: float, max_neck: float = 0.8) -> np.ndarray:
+    """Label `mask`, splitting blobs at distance-transform peaks that rise more than `depth` px above
+    the saddle between them (h-maxima), then merging back pieces joined by a neck wider than
+    `max_neck` x the smaller piece's equivalent diameter (a textured nucleus is not two nuclei).
+    Returns int32 labels."""
+    if depth <= 0:
+        return ndi.label(mask)[0]
+    distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
+    # h-maxima = regional maxima of the reconstruction of (distance - depth) under distance.
+    # (skimage's h_maxima keeps every top of equal height, so it would split blobs whose distance
+    # map has two equal peaks joined by a ridge.)
+    capped = reconstruction(np.maximum(distance - depth, 0), distance, method="dilation")
+    markers, count = ndi.label(local_maxima(capped, connectivity=2) & mask, structure=np.ones((3, 3)))
+    if count <= 1:
+        return ndi.label(mask)[0]
+    labels = watershed(-distance, markers, mask=mask, watershed_line=False)
+    unlabeled = mask & (labels == 0)
+    if unlabeled.any():  # blobs too flat to peak keep their own label
+        extra, _ = ndi.label(unlabeled)
+        labels = np.where(unlabeled, extra + labels.max(), labels)
+    return merge_wide_necks(labels.astype(np.int32), max_neck)
+
+
+def merge_wide_necks(labels: np.ndarray, max_neck: float) -> np.ndarray:
+    """Merge touching labels whose shared border (px) exceeds `max_neck` x the smaller one's
+    equivalent diameter; returns labels renumbered 1..n."""
+    n = int(labels.max())
+    pairs = []
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1, :], labels[1:, :])):
+        touching = (a != b) & (a > 0) & (b > 0)
+        low, high = np.minimum(a[touching], b[touching]), np.maximum(a[touching], b[touching])
+        pairs.append(low.astype(np.int64) * (n + 1) + high)
+    codes, necks = np.unique(np.concatenate(pairs), return_counts=True)
+    parent = np.arange(n + 1)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    for code, neck in zip(codes, necks):
+        a, b = divmod(int(code), n + 1)
+        diameter = 2.0 * np.sqrt(min(areas[a], areas[b]) / np.pi)
+        if neck > max_neck * diameter:
+            parent[root(b)] = root(a)
+    roots = np.array([root(i) for i in range(n + 1)])
+    _, renumbered = np.unique(roots, return_inverse=True)
+    return renumbered[labels].astype(np.int32)
+
+
+def segment_nuclei(blue: np.ndarray, params: ClassicalParams, unit: float) -> np.ndarray:
+    """Nuclei labels (uint16) of a working-scale blue plane (float32); `unit` = working px per 512-scale px."""
+    smooth = _smooth(blue, params.nucleus_sigma * unit)
+    threshold = _threshold(smooth, params.nucleus_threshold, params.min_nucleus_contrast)
+    mask = ndi.binary_fill_holes(smooth > threshold)
+    radius = max(1, int(round(1.5 * unit)))
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN,
+                            cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))) > 0
+    if not mask.any():
+        return np.zeros(blue.shape, np.uint16)
+    labels = ndi.label(mask)[0]
+    if params.split_nuclei and params.split_depth > 0:
+        areas = np.bincount(labels.ravel())[1:]
+        areas = areas[areas >= (3.0 * unit) ** 2]
+        if areas.size:
+            median_radius = float(np.sqrt(np.median(areas) / np.pi))
+            labels = split_touching(mask, params.split_depth * median_radius, params.split_max_neck)
+    labels = labels.astype(np.uint16)
+    # Specks of a few pixels are noise whatever the median says.
+    labels = _drop_tiny(labels, (3.0 * unit) ** 2)
+    return drop_small_relative(labels, params.min_nucleus_fraction)
+
+
+def _drop_tiny(labels: np.ndarray, min_area: float) -> np.ndarray:
+    if labels.max() == 0:
+        return labels
+    areas = object_areas(labels)
+    return keep_labels(labels, areas >= max(min_area, 1))
+
+
+def cell_signal(field: np.ndarray, params: ClassicalParams) -> np.ndarray:
+    """Cell-body signal of a working-scale (h, w, 4) RGBY float32 field: the mean of red and yellow
+    (and green), each divided by its 99.5th percentile so no channel dominates, plus half the blue."""
+    planes = [field[..., 0], field[..., 3]] + ([field[..., 1]] if params.use_green else [])
+    total = np.zeros(field.shape[:2], np.float32)
+    for plane in planes:
+        scale = float(np.percentile(plane[::2, ::2], 99.5))
+        total += plane / max(scale, 1.0)
+    total /= len(planes)
+    blue = field[..., 2]
+    total += 0.5 * blue / max(float(np.percentile(blue[::2, ::2], 99.5)), 1.0)
+    return total
+
+
+def segment_cells(field: np.ndarray, nuclei: np.ndarray, params: ClassicalParams, unit: float) -> np.ndarray:
+    """Cell labels (uint16) grown from `nuclei` over a working-scale (h, w, 4) float32 field."""
+    if nuclei.max() == 0:
+        return np.zeros(nuclei.shape, np.uint16)
+    signal = _smooth(cell_signal(field, params), params.cell_sigma * unit)
+    top = max(float(np.percentile(signal[::2, ::2], 99.5)), 1e-6)
+    threshold = _threshold(signal, params.cell_threshold, params.min_cell_contrast * top)
+    foreground = ndi.binary_fill_holes((signal > threshold) | (nuclei > 0))
+    elevation = -signal / top
+    if params.distance_weight > 0:
+        to_nuclei = cv2.distanceTransform((nuclei == 0).astype(np.uint8), cv2.DIST_L2, 5)
+        elevation = elevation + params.distance_weight * to_nuclei / (0.25 * max(nuclei.shape))
+    cells = watershed(elevation, nuclei.astype(np.int32), mask=foreground)
+    return cells.astype(np.uint16)
+
+
+def segment_field(field: np.ndarray, params: ClassicalParams = ClassicalParams()) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one (H, W, 4) RGBY field (uint8 or uint16). Returns full-resolution (nuclei, cells)
+    uint16 label masks; nucleus k lies inside cell k, labels 1..n, 0 = background."""
+    if field.ndim != 3 or field.shape[2] < 4:
+        raise ValueError(f"expected an (H, W, 4) RGBY field, got shape {field.shape}")
+    full_shape = field.shape[:2]
+    work_shape = working_shape(full_shape, params.work_size)
+    scale = 255.0 / 65535.0 if field.dtype == np.uint16 else 1.0
+    small = field[..., :4]
+    if work_shape != full_shape:
+        small = cv2.resize(np.ascontiguousarray(small), (work_shape[1], work_shape[0]), interpolation=cv2.INTER_AREA)
+    small = small.astype(np.float32) * np.float32(scale)
+    unit = max(work_shape) / REFERENCE_WORK_SIZE
+    nuclei = segment_nuclei(np.ascontiguousarray(small[..., 2]), params, unit)
+    cells = segment_cells(small, nuclei, params, unit)
+    return finish_masks(nuclei, cells, full_shape, params.min_border_cell_fraction)
