@@ -1,0 +1,187 @@
+"""Predict every cell of the test fields and write the challenge submission.
+
+    python -m src.predict.predict_submission --dataset input/synthetic --run-name cellwise_run \
+        --img-size 512 [--fusion-run imagelevel_run --fusion-img-size 1024 --fusion-weight 0.3]
+
+Fields without bbox records are segmented first. Each cell is predicted by the fold ensemble under
+the TTA views (default identity, flips, rot90, scale_shift), its neighbours masked out. With
+`--input-style image-level` the models are image-level ones and cells are shown tiled at field
+scale (as for pseudo-labels). Negative = min over classes of (1 - P_c) (`--negative product` for
+the product). `--fusion-run` averages in the image-level ensemble's whole-field prediction.
+Writes `submission.csv` (ID,ImageWidth,ImageHeight,PredictionString of `class confidence mask`
+triples), `submission_cells.csv` (ID,cell_i,19 probabilities) and `submission_overlays/*.png`; a
+field that cannot be read is listed in `submission_failed.csv` and gets an empty prediction string.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from src.data.bbox_records import masked_crop, read_record, record_path
+from src.data.cache import load_field
+from src.data.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES
+from src.data.images import ImageReadError, read_field
+from src.data.schema import DatasetLayout, OutputLayout
+from src.evaluation.rle import encode_mask
+from src.predict.cell_inputs import EXTRA_TTA_VIEWS, TTA_VIEWS, cell_inputs, cellwise_input, predict_views
+from src.preprocessing.generate_cell_bboxes import generate
+from src.segmentation.overlay import overlay
+from src.train.models import load_model_checkpoint
+from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
+
+log = logging.getLogger(__name__)
+
+
+def negative_probability(probabilities: np.ndarray, rule: str = "min") -> np.ndarray:
+    """P(Negative) from the 18 pattern classes: min_c (1 - P_c), or prod_c (1 - P_c)."""
+    patterns = np.delete(probabilities, NEGATIVE, axis=1)
+    return (1 - patterns).min(axis=1) if rule == "min" else np.prod(1 - patterns, axis=1)
+
+
+def prediction_string(cell_mask: np.ndarray, probabilities: np.ndarray) -> str:
+    """`class confidence mask` triples for every cell (labels 1..n of cell_mask) and class."""
+    triples = []
+    for cell_i in range(probabilities.shape[0]):
+        mask_text = encode_mask(cell_mask == cell_i + 1)
+        triples += [f"{cls} {probabilities[cell_i, cls]:.6f} {mask_text}" for cls in range(NUM_CLASSES)]
+    return " ".join(triples)
+
+
+def load_ensemble(outputs: OutputLayout, run_name: str, folds: list[int], checkpoint: str, device) -> list:
+    models = []
+    for fold in folds:
+        path = outputs.model_dir(run_name, fold) / checkpoint
+        if not path.is_file():
+            raise UserInputError(f"{path} not found (fold {fold} model of run {run_name})")
+        models.append(load_model_checkpoint(path, device))
+    return models
+
+
+def ensemble_predict(models: list, inputs: np.ndarray, views: tuple[str, ...], batch_size: int, device) -> np.ndarray:
+    """Mean sigmoid over models and views of (n, C, S, S) uint8 inputs -> (n, classes)."""
+    total = np.zeros((len(inputs), NUM_CLASSES), np.float64)
+    for model in models:
+        for start in range(0, len(inputs), batch_size):
+            batch = torch.from_numpy(inputs[start:start + batch_size]).to(device)
+            total[start:start + batch_size] += predict_views(model, batch, views)[0].cpu().numpy()
+    return total / max(len(models), 1)
+
+
+def cell_model_inputs(layout: DatasetLayout, image_id: str, record, style: str, img_size: int) -> np.ndarray:
+    if style == "image-level":
+        return cell_inputs(load_field(layout, "test", image_id, img_size), record, img_size)
+    field = read_field(layout.image_dir("test"), image_id)
+    return np.stack([cellwise_input(masked_crop(field, record, i), img_size).transpose(2, 0, 1)
+                     for i in range(record.n_cells)]) if record.n_cells else np.zeros((0, 4, img_size, img_size), np.uint8)
+
+
+def draw_overlay(field: np.ndarray, cell_mask: np.ndarray, probabilities: np.ndarray, path: Path) -> None:
+    """Cell outlines with each cell's top class and confidence at its centre."""
+    picture = overlay(field, cell_mask)
+    for cell_i in range(probabilities.shape[0]):
+        ys, xs = np.nonzero(cell_mask == cell_i + 1)
+        if ys.size == 0:
+            continue
+        cls = int(np.argmax(probabilities[cell_i]))
+        text = f"{CLASS_NAMES[cls][:14]} {probabilities[cell_i, cls]:.2f}"
+        scale = max(picture.shape[0] / 1200, 0.3)
+        cv2.putText(picture, text, (int(xs.mean()) - 20, int(ys.mean())), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    (255, 255, 255), max(1, round(scale * 2)), cv2.LINE_AA)
+    with atomic_path(path) as tmp:
+        cv2.imwrite(str(tmp), picture[..., ::-1])
+
+
+def test_table(layout: DatasetLayout) -> pd.DataFrame:
+    if layout.test_csv.is_file():
+        return pd.read_csv(layout.test_csv, dtype={"ID": str})
+    ids = sorted({p.name.rsplit("_", 1)[0] for p in layout.image_dir("test").glob("*_blue.*")})
+    if not ids:
+        raise UserInputError(f"no test.csv and no *_blue.* files in {layout.image_dir('test')}")
+    return pd.DataFrame({"ID": ids, "ImageWidth": np.nan, "ImageHeight": np.nan})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="input/synthetic", help="dataset with test.csv and test/")
+    parser.add_argument("--output-dir", default="output")
+    parser.add_argument("--run-name", required=True, help="models under {output}/models/{run-name}/fold{K}")
+    parser.add_argument("--input-style", choices=("cellwise", "image-level"), default="cellwise")
+    parser.add_argument("--folds", default="0,1,2,3,4", help="comma-separated folds of the ensemble")
+    parser.add_argument("--checkpoint", default="best.pth")
+    parser.add_argument("--img-size", type=int, default=512, help="cell model input side (px)")
+    parser.add_argument("--tta", default=",".join(TTA_VIEWS + EXTRA_TTA_VIEWS))
+    parser.add_argument("--negative", choices=("min", "product"), default="min")
+    parser.add_argument("--fusion-run", default=None, help="image-level run whose whole-field prediction is fused")
+    parser.add_argument("--fusion-img-size", type=int, default=1024)
+    parser.add_argument("--fusion-weight", type=float, default=0.0, help="weight of the image-level prediction")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--overlays", type=int, default=4, help="overlay PNGs for the first N fields")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="submission CSV (default: {output}/submission.csv)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    layout, outputs = DatasetLayout(args.dataset), OutputLayout(args.output_dir)
+    views = tuple(v.strip() for v in args.tta.split(",") if v.strip())
+    if not views or set(views) - set(TTA_VIEWS + EXTRA_TTA_VIEWS):
+        raise UserInputError(f"--tta must name views among {TTA_VIEWS + EXTRA_TTA_VIEWS}")
+    if not 0 <= args.fusion_weight <= 1 or (args.fusion_weight > 0 and not args.fusion_run):
+        raise UserInputError("--fusion-weight must be in [0, 1] and needs --fusion-run")
+    out = Path(args.out) if args.out else outputs.root / "submission.csv"
+    device = torch.device(args.device)
+    folds = [int(f) for f in args.folds.split(",")]
+    models = load_ensemble(outputs, args.run_name, folds, args.checkpoint, device)
+    fusion_models = load_ensemble(outputs, args.fusion_run, folds, args.checkpoint, device) if args.fusion_weight else []
+    tests = test_table(layout)
+    records_dir = outputs.bboxes_dir / "test"
+    missing = [i for i in tests["ID"] if not record_path(outputs.bboxes_dir, "test", i).is_file()]
+    failed: dict[str, str] = {}
+    if missing:
+        log.info("segmenting %d test fields without bbox records", len(missing))
+        failures, _, _ = generate(layout, records_dir, "test", dict(backend="classical", work_size=512))
+        failed.update(dict(failures))
+    rows, cell_rows = [], []
+    for index, test in enumerate(tqdm(tests.itertuples(index=False), total=len(tests), desc="test fields")):
+        image_id = test.ID
+        width, height = test.ImageWidth, test.ImageHeight
+        try:
+            if image_id in failed:
+                raise ImageReadError(layout.image_dir("test") / image_id, failed[image_id])
+            record = read_record(record_path(outputs.bboxes_dir, "test", image_id))
+            height, width = record.image_shape
+            probabilities = ensemble_predict(models, cell_model_inputs(layout, image_id, record, args.input_style,
+                                                                       args.img_size), views, args.batch_size, device)
+            if fusion_models and record.n_cells:
+                whole = load_field(layout, "test", image_id, args.fusion_img_size).transpose(2, 0, 1)[None]
+                image_level = ensemble_predict(fusion_models, np.ascontiguousarray(whole), ("identity",), 1, device)
+                probabilities = (1 - args.fusion_weight) * probabilities + args.fusion_weight * image_level
+            probabilities[:, NEGATIVE] = negative_probability(probabilities, args.negative)
+        except (ImageReadError, FileNotFoundError, ValueError) as error:
+            log.warning("skipped %s: %s", image_id, error)
+            failed[image_id] = str(error)
+            rows.append((image_id, width, height, ""))
+            continue
+        rows.append((image_id, width, height, prediction_string(record.cell_mask, probabilities)))
+        cell_rows += [(image_id, cell_i, *probabilities[cell_i]) for cell_i in range(record.n_cells)]
+        if index < args.overlays:
+            draw_overlay(read_field(layout.image_dir("test"), image_id), record.cell_mask, probabilities,
+                         out.parent / f"{out.stem}_overlays" / f"{image_id}.png")
+    write_csv_atomic(pd.DataFrame(rows, columns=["ID", "ImageWidth", "ImageHeight", "PredictionString"]), out)
+    write_csv_atomic(pd.DataFrame(cell_rows, columns=["ID", "cell_i", *[str(c) for c in range(NUM_CLASSES)]]),
+                     out.with_name(out.stem + "_cells.csv"))
+    if failed:
+        write_csv_atomic(pd.DataFrame(sorted(failed.items()), columns=["ID", "error"]),
+                         out.with_name(out.stem + "_failed.csv"))
+        log.error("%d fields could not be predicted; see %s", len(failed), out.with_name(out.stem + "_failed.csv"))
+    log.info("wrote %s (%d fields, %d cells)", out, len(rows), len(cell_rows))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

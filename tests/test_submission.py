@@ -1,0 +1,93 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from src.data.bbox_records import read_record, record_path
+from src.data.make_synthetic import write_synthetic_dataset
+from src.data.schema import OutputLayout
+from src.data.synthetic import SyntheticConfig
+from src.evaluation.rle import decode_mask
+from src.predict.cell_inputs import cellwise_input, tta_view
+from src.predict.predict_submission import main as submission_main
+from src.predict.predict_submission import negative_probability
+from src.train.models import build_model
+
+
+def test_negative_probability_by_hand():
+    probabilities = np.zeros((2, 19))
+    probabilities[0, [0, 5]] = [0.9, 0.3]
+    probabilities[1, 18] = 0.99  # the model's own Negative column is ignored
+    assert negative_probability(probabilities, "min").tolist() == pytest.approx([0.1, 1.0])
+    assert negative_probability(probabilities, "product").tolist() == pytest.approx([0.1 * 0.7, 1.0])
+
+
+def test_cellwise_input_tiles_thin_cells_and_pads():
+    thin = np.full((10, 40, 1), 7, np.uint8)       # short side under half the long side: tiled 4x
+    assert (cellwise_input(thin, 20) == 7).all()
+    wide = np.full((30, 40, 1), 7, np.uint8)       # padded to 40x40, centred: 5 zero rows top and bottom
+    square = cellwise_input(wide, 40)
+    assert (square[:5] == 0).all() and (square[5:35] == 7).all() and (square[35:] == 0).all()
+
+
+def test_scale_shift_view_keeps_shape_and_scale():
+    batch = torch.full((2, 4, 33, 33), 255, dtype=torch.uint8)
+    view = tta_view(batch, "scale_shift")
+    assert view.shape == batch.shape and view.dtype == torch.float32 and torch.allclose(view, torch.ones_like(view))
+
+
+@pytest.fixture(scope="module")
+def test_fields(tmp_path_factory):
+    root = tmp_path_factory.mktemp("submission")
+    layout = write_synthetic_dataset(root / "data", 2, 4, SyntheticConfig(image_size=96, cells_min=3, cells_max=5), 4)
+    outputs = OutputLayout(root / "output")
+    for fold in (0, 1):
+        torch.manual_seed(fold)
+        model = build_model("densenet_tiny", embedding_dim=16).eval()
+        path = outputs.model_dir("cells", fold) / "best.pth"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "model_config": model.config()}, path)
+    return layout, outputs
+
+
+def run(layout, outputs, out, *extra):
+    return submission_main(["--dataset", str(layout.root), "--output-dir", str(outputs.root), "--run-name", "cells",
+                            "--folds", "0,1", "--img-size", "32", "--overlays", "1", "--out", str(out), *extra])
+
+
+def test_submission_rows_masks_and_negative(test_fields, tmp_path):
+    layout, outputs = test_fields
+    out = tmp_path / "submission.csv"
+    assert run(layout, outputs, out) == 0
+    submission = pd.read_csv(out, dtype={"ID": str, "PredictionString": str})
+    tests = pd.read_csv(layout.test_csv, dtype={"ID": str})
+    assert submission["ID"].tolist() == tests["ID"].tolist()
+    cells = pd.read_csv(tmp_path / "submission_cells.csv", dtype={"ID": str})
+    for row in submission.itertuples():
+        record = read_record(record_path(outputs.bboxes_dir, "test", row.ID))   # segmented on the fly
+        parts = row.PredictionString.split()
+        assert len(parts) == 3 * 19 * record.n_cells
+        for k in range(0, len(parts), 3 * 19):
+            cell_i = k // (3 * 19)
+            assert [int(c) for c in parts[k:k + 57:3]] == list(range(19))
+            mask = decode_mask(parts[k + 2], row.ImageHeight, row.ImageWidth)
+            assert np.array_equal(mask, record.cell_mask == cell_i + 1)
+        probabilities = cells[cells["ID"] == row.ID][[str(c) for c in range(19)]].to_numpy()
+        assert np.allclose(probabilities[:, 18], (1 - probabilities[:, :18]).min(axis=1))
+    assert len(list((tmp_path / "submission_overlays").glob("*.png"))) == 1
+
+
+def test_corrupt_field_is_reported_and_the_rest_written(test_fields, tmp_path):
+    layout, outputs = test_fields
+    tests = pd.read_csv(layout.test_csv, dtype={"ID": str})
+    broken = tests["ID"].iloc[1]
+    (layout.image_dir("test") / f"{broken}_red.png").write_bytes(b"\x89PNG broken")
+    record = record_path(outputs.bboxes_dir, "test", broken)
+    record.unlink()  # forces re-segmentation, which cannot read the field
+    out = tmp_path / "s.csv"
+    assert run(layout, outputs, out) == 1
+    submission = pd.read_csv(out, dtype={"ID": str, "PredictionString": str}, keep_default_na=False)
+    assert submission["ID"].tolist() == tests["ID"].tolist()
+    assert submission.set_index("ID").loc[broken, "PredictionString"] == ""
+    assert (submission.drop(index=1)["PredictionString"].str.len() > 0).all()
+    assert broken in pd.read_csv(tmp_path / "s_failed.csv", dtype={"ID": str})["ID"].tolist()
