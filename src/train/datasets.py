@@ -125,10 +125,10 @@ def micro_batch_sizes(num_samples: int, batch_size: int, drop_last: bool = False
 
 
 def make_loader(dataset: Dataset, sampler: ResumableDistributedSampler, batch_size: int, workers: int,
-                pin_memory: bool = False, seed: int = 0) -> torch.utils.data.DataLoader:
+                pin_memory: bool = False, seed: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
     """DataLoader whose worker seeding draws from its own generator, so it never consumes the global RNG
     (which the dropout masks use and a resume restores)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-        drop_last=False, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        drop_last=drop_last, persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed))

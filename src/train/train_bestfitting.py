@@ -40,12 +40,14 @@ RESUME_FIXED = ("seed", "batch_size", "img_size", "arch", "in_channels", "head",
                 "gradient_accumulation_steps", "loss", "scheduler", "scheduler_lr_multiplier",
                 "scheduler_epoch_offset", "clipnorm", "select_by", "public_data", "freeze_bn", "weight_decay")
 INTERRUPTED_EXIT_CODE = 75
+SELECT_BY = {"loss": ("val_focal_loss", "min"), "map": ("val_map", "max")}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser(description: str, select_by: dict[str, tuple[str, str]], select_default: str) -> argparse.ArgumentParser:
+    """The training flags; train_cellwise adds its own and other defaults to the same parser."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="input/synthetic", help="dataset folder (train.csv, folds.csv, train/, cache_*)")
-    p.add_argument("--output", default="output", help="output root; models go to {output}/models/{out_dir}/fold{N}")
+    p.add_argument("--output", "--output-dir", dest="output", default="output", help="output root; models go to {output}/models/{out_dir}/fold{N}")
     p.add_argument("--public-data", action="store_true", help="also train/validate on public.csv images")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--img_size", "--img-size", dest="img_size", type=int, default=1024)
@@ -76,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freeze-bn", action="store_true", help="BatchNorm in eval mode during training")
     p.add_argument("--clipnorm", type=float, default=1.0, help="max gradient norm; 0 disables")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--select-by", choices=("loss", "map"), default="loss",
-                   help="best.pth by lowest validation focal loss or highest macro mAP")
+    p.add_argument("--select-by", choices=sorted(select_by), default=select_default,
+                   help="validation metric that picks best.pth")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="auto: bf16 (else fp16) on CUDA, none on CPU")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
@@ -89,7 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after-steps", type=int, default=None, help="stop after this optimizer step (tests)")
     p.add_argument("--log-every", type=int, default=50, help="batches between progress lines")
     p.add_argument("--verbose", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def finish_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Default run name and range checks."""
     if args.out_dir is None:
         args.out_dir = (f"{args.arch}_{args.img_size}__gradaccum_{args.gradient_accumulation_steps}"
                         f"__{args.scheduler}_x{args.scheduler_lr_multiplier:g}")
@@ -97,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name} must be >= 1")
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return finish_args(build_parser(__doc__, SELECT_BY, "loss").parse_args(argv))
 
 
 def select_device(args: argparse.Namespace) -> torch.device:
@@ -147,8 +157,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args: argparse.Namespace, device: torch.device, dist_info) -> int:
-    out_dir = OutputLayout(args.output).model_dir(args.out_dir, args.fold)
-    last_path = out_dir / "last.pth"
+    prepare_run(args, device)
+    layout = DatasetLayout(args.dataset)
+    train_table, valid_table = fold_split(layout, args.fold, args.public_data)
+    log.info("fold %d: %d training, %d validation images at %d px", args.fold, len(train_table),
+             len(valid_table), args.img_size)
+    if not layout.cache_dir(args.img_size).is_dir():
+        log.warning("no %s: images are decoded from PNG every epoch (src.preprocessing.cache_images --size %d "
+                    "makes training much faster)", layout.cache_dir(args.img_size), args.img_size)
+    train_set = ImageLevelDataset(layout, train_table, args.img_size, augment=True, seed=args.seed,
+                                  in_channels=args.in_channels)
+    valid_set = ImageLevelDataset(layout, valid_table, args.img_size, in_channels=args.in_channels)
+    return run_training(args, device, dist_info, train_set, valid_set, image_level_metrics(train_set.targets),
+                        *SELECT_BY[args.select_by])
+
+
+def prepare_run(args: argparse.Namespace, device: torch.device) -> None:
+    """Resume bookkeeping (run-defining settings come from last.pth) and seeds; shared with train_cellwise."""
+    last_path = OutputLayout(args.output).model_dir(args.out_dir, args.fold) / "last.pth"
     resuming = args.resume and last_path.is_file()
     if args.resume and not resuming:
         log.info("--resume: no %s yet, starting a new run", last_path)
@@ -168,20 +194,20 @@ def train(args: argparse.Namespace, device: torch.device, dist_info) -> int:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # identical model initialisation on every rank
 
-    layout = DatasetLayout(args.dataset)
-    train_table, valid_table = fold_split(layout, args.fold, args.public_data)
-    log.info("fold %d: %d training, %d validation images at %d px", args.fold, len(train_table),
-             len(valid_table), args.img_size)
-    if not layout.cache_dir(args.img_size).is_dir():
-        log.warning("no %s: images are decoded from PNG every epoch (src.preprocessing.cache_images --size %d "
-                    "makes training much faster)", layout.cache_dir(args.img_size), args.img_size)
-    train_set = ImageLevelDataset(layout, train_table, args.img_size, augment=True, seed=args.seed,
-                                  in_channels=args.in_channels)
-    valid_set = ImageLevelDataset(layout, valid_table, args.img_size, in_channels=args.in_channels)
+
+def run_training(args: argparse.Namespace, device: torch.device, dist_info, train_set, valid_set, metrics_fn,
+                 select_metric: str, select_mode: str) -> int:
+    """Model, loaders, optimizer and schedule from the flags, then `fit`; shared with train_cellwise.
+    Datasets yield (image, target, index) for keys (index, epoch)."""
+    out_dir = OutputLayout(args.output).model_dir(args.out_dir, args.fold)
+    last_path = out_dir / "last.pth"
+    resuming = args.resume and last_path.is_file()
     world, rank_ = dist_info.world_size, dist_info.rank
     pin = device.type == "cuda"
-    train_loader = make_loader(train_set, ResumableDistributedSampler(train_set, world, rank_, True, args.seed),
-                               args.batch_size, args.workers, pin, args.seed)
+    train_sampler = ResumableDistributedSampler(train_set, world, rank_, True, args.seed)
+    # A last training batch of one sample cannot pass the head's BatchNorm: drop it (it reshuffles each epoch).
+    lone_last = train_sampler.num_samples % args.batch_size == 1 and train_sampler.num_samples > 1
+    train_loader = make_loader(train_set, train_sampler, args.batch_size, args.workers, pin, args.seed, lone_last)
     valid_loader = make_loader(valid_set, ResumableDistributedSampler(valid_set, world, rank_, False, args.seed),
                                args.val_batch_size or 2 * args.batch_size, args.workers, pin, args.seed)
 
@@ -209,8 +235,7 @@ def train(args: argparse.Namespace, device: torch.device, dist_info) -> int:
         out_dir=out_dir, epochs=args.epochs, accumulation_steps=args.gradient_accumulation_steps,
         clip_norm=args.clipnorm or None, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
         freeze_bn=args.freeze_bn, eval_at_start=args.eval_at_start,
-        select_metric="val_focal_loss" if args.select_by == "loss" else "val_map",
-        select_mode="min" if args.select_by == "loss" else "max", checkpoint_every_steps=checkpoint_every,
+        select_metric=select_metric, select_mode=select_mode, checkpoint_every_steps=checkpoint_every,
         stop_after_steps=args.stop_after_steps, log_every=args.log_every,
         metadata={"args": vars(args), "model_config": model_config, "world_size": world})
     state = None
@@ -224,14 +249,12 @@ def train(args: argparse.Namespace, device: torch.device, dist_info) -> int:
              args.arch, args.batch_size * world * args.gradient_accumulation_steps, args.batch_size, world,
              args.gradient_accumulation_steps, args.loss, args.scheduler, args.scheduler_lr_multiplier,
              amp_dtype)
-    metrics_fn = image_level_metrics(train_set.targets)
     state = fit(model, optimizer, get_loss(args.loss), train_loader, valid_loader, lr_for_epoch, metrics_fn, cfg,
                 state, scaler)
     if dist_info.is_main and state.best_epoch is not None:
         best = next(row for row in state.history if row["epoch"] == state.best_epoch)
-        log.info("best epoch %d: val_focal_loss %.4f, val_map %.4f (class-frequency baseline %.4f); outputs in %s",
-                 state.best_epoch, best["val_focal_loss"], best["val_map"], best.get("val_map_prior", float("nan")),
-                 out_dir)
+        log.info("best epoch %d: %s; outputs in %s", state.best_epoch,
+                 ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k.startswith("val_")), out_dir)
     return 0
 
 
