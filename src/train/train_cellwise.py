@@ -1,0 +1,217 @@
+"""Cell-level DenseNet training on soft pseudo-labels (stage 9), on the image-level trainer.
+
+    python -m src.train.train_cellwise --fold 0 --img_size 512 --batch_size 32 --gradient-accumulation-steps 4 \
+        --scheduler Adam10 --epochs 5 --scheduler-lr-multiplier 4 --out_dir densenet121_512_cellwise \
+        --load-state-dict-path output/models/<image-level run>/fold0/final.pth --loss FocalSymmetricHardLogLoss
+
+Cells of images with folds.csv fold != --fold train, the others validate. Inputs: each cell's crop at
+full resolution with other cells zeroed, thin crops tiled along the short side, padded to a square,
+resized to --img_size, dihedral augmentation. Targets: the pseudo-label HDF5 probabilities, with the
+cells of each --selection CSV (`ID,cell_i`, class from the file name or --selection-class) set to 1.
+Validation: focal loss, accuracy in 0.05-wide bins and mAP with targets >= 0.5 as positives.
+All other flags as in src.train.train_bestfitting.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from src.data.bbox_records import masked_crop, read_record, record_path
+from src.data.cache import load_field
+from src.data.classes import CLASS_NAMES, class_index
+from src.data.labels import labels_to_multihot, read_label_tables
+from src.data.schema import DatasetLayout, OutputLayout
+from src.predict import pseudo_label_store as store
+from src.predict.cell_inputs import cellwise_input
+from src.train import train_bestfitting as image_level
+from src.train.datasets import dihedral, dihedral_index
+from src.train.losses import focal_loss
+from src.train.metrics import macro_average_precision
+from src.train.trainer import TrainingInterrupted
+from src.train.distributed import cleanup_distributed, init_distributed
+from src.utils.io import UserInputError, run_cli, setup_logging
+
+log = logging.getLogger("hpa.train")
+SELECT_BY = {"binned-accuracy": ("val_binned_accuracy", "max"), "loss": ("val_focal_loss", "min"),
+             "map": ("val_map", "max")}
+SOURCE_NAMES = {code: name for name, code in store.SOURCE_CODES.items()}
+
+
+def binned_accuracy(predictions: np.ndarray, targets: np.ndarray, width: float = 0.05) -> float:
+    """Fraction of entries whose prediction falls in the target's bin [k*width, (k+1)*width); 1.0 is in the last bin."""
+    bins = int(round(1 / width))
+    predicted_bin = np.minimum(np.floor(predictions / width), bins - 1)
+    target_bin = np.minimum(np.floor(targets / width), bins - 1)
+    return float(np.mean(predicted_bin == target_bin))
+
+
+def cell_level_metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
+    probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return {"val_focal_loss": float(focal_loss(torch.from_numpy(logits), torch.from_numpy(targets))),
+            "val_binned_accuracy": binned_accuracy(probabilities, targets),
+            "val_map": macro_average_precision(targets >= 0.5, probabilities)}
+
+
+def soft_targets(predictions: np.ndarray, image_ids: np.ndarray, cell_indices: np.ndarray,
+                 selections: list[tuple[int, pd.DataFrame]]) -> np.ndarray:
+    """Pseudo-label probabilities (N, 19) with the selected cells set to 1 for their class."""
+    targets = np.clip(predictions.astype(np.float32), 0, 1)
+    row_of = {(image_id, int(cell_i)): row for row, (image_id, cell_i) in enumerate(zip(image_ids, cell_indices))}
+    for cls, selection in selections:
+        rows = [row_of[key] for key in zip(selection["ID"], selection["cell_i"].astype(int)) if key in row_of]
+        if len(rows) < len(selection):
+            log.warning("%d selected cells of class %d are not in the pseudo-labels", len(selection) - len(rows), cls)
+        targets[rows, cls] = 1.0
+    return targets
+
+
+def blend_image_labels(targets: np.ndarray, image_ids: np.ndarray, label_table: pd.DataFrame,
+                       weight: float) -> np.ndarray:
+    """(1 - weight) * targets + weight * the multi-hot label of each cell's image (0 for unknown images)."""
+    image_labels = dict(zip(label_table["ID"], labels_to_multihot(label_table["Label"].tolist()).astype(np.float32)))
+    broadcast = np.stack([image_labels.get(i, np.zeros(targets.shape[1], np.float32)) for i in image_ids])
+    return ((1 - weight) * targets + weight * broadcast).astype(np.float32)
+
+
+def upsampled_indices(targets: np.ndarray, factor: int) -> np.ndarray:
+    """Row indices with cells positive (>= 0.5) for a minority class repeated `factor` times.
+
+    A class is a minority when it has fewer positive cells than 1/19 of the most frequent class."""
+    indices = np.arange(len(targets))
+    if factor <= 1:
+        return indices
+    positives = targets >= 0.5
+    counts = positives.sum(axis=0)
+    minority = (counts > 0) & (counts < counts.max() / 19)
+    rare_rows = np.flatnonzero(positives[:, minority].any(axis=1))
+    return np.concatenate([indices] + [rare_rows] * (factor - 1))
+
+
+class CellDataset(Dataset):
+    """Cell crops as cell-level inputs; (image, target, index) for keys (index, epoch)."""
+
+    def __init__(self, layout: DatasetLayout, bboxes_dir: Path, cells: pd.DataFrame, targets: np.ndarray,
+                 img_size: int, augment: bool = False, seed: int = 0, in_channels: int = 4):
+        self.layout, self.bboxes_dir, self.img_size = layout, bboxes_dir, img_size
+        self.augment, self.seed, self.in_channels = augment, seed, in_channels
+        self.ids, self.cell_i, self.sources = cells["ID"].tolist(), cells["cell_i"].tolist(), cells["source"].tolist()
+        self.targets = targets.astype(np.float32)
+        self._records: OrderedDict = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _record(self, source: str, image_id: str):
+        key = (source, image_id)
+        if key not in self._records:
+            self._records[key] = read_record(record_path(self.bboxes_dir, source, image_id))
+            if len(self._records) > 64:
+                self._records.popitem(last=False)
+        return self._records[key]
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        record = self._record(self.sources[index], self.ids[index])
+        field = load_field(self.layout, self.sources[index], self.ids[index], record.image_shape[0])
+        image = cellwise_input(masked_crop(field, record, self.cell_i[index]), self.img_size)[..., :self.in_channels]
+        if self.augment:
+            image = dihedral(image, dihedral_index(self.seed, epoch, index))
+        return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                torch.from_numpy(self.targets[index]), index)
+
+
+def read_selections(paths: list[str], classes: list[str] | None) -> list[tuple[int, pd.DataFrame]]:
+    """Each selection CSV with its class: from --selection-class (same order) or the file name
+    ('mitotic_cells_selection.csv' -> Mitotic spindle)."""
+    selections = []
+    for k, path in enumerate(paths):
+        if not Path(path).is_file():
+            raise UserInputError(f"selection file {path} not found")
+        if classes:
+            cls = class_index(classes[k])
+        else:
+            stem = Path(path).name.split("_")[0]
+            matches = [i for i, name in enumerate(CLASS_NAMES) if name.lower().split()[0] == stem]
+            if len(matches) != 1:
+                raise UserInputError(f"cannot tell the class of {path}; pass --selection-class")
+            cls = matches[0]
+        selections.append((cls, pd.read_csv(path, dtype={"ID": str})))
+    return selections
+
+
+def parse_args(argv=None):
+    parser = image_level.build_parser(__doc__, SELECT_BY, "binned-accuracy")
+    parser.set_defaults(img_size=512, batch_size=32, gradient_accumulation_steps=4, epochs=5,
+                        loss="FocalSymmetricHardLogLoss")
+    parser.add_argument("--cell-level-labels-path", default=None,
+                        help="pseudo-label HDF5 (default: {output}/pseudo_labels.h5)")
+    parser.add_argument("--selection", action="append", default=[], help="selection CSV (ID,cell_i); repeatable")
+    parser.add_argument("--selection-class", action="append", default=None, help="class of each --selection")
+    parser.add_argument("--image-label-weight", type=float, default=0.0,
+                        help="blend: target = (1 - w) * pseudo-label + w * the image's label (0: the reference)")
+    parser.add_argument("--upsample-minorities", type=int, default=0,
+                        help="repeat cells of minority classes this many times (0: off)")
+    args = parser.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = f"cellwise_{args.arch}_{args.img_size}__gradaccum_{args.gradient_accumulation_steps}"
+    return image_level.finish_args(args)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    device = image_level.select_device(args)
+    dist_info = init_distributed(device.type)
+    try:
+        return train(args, device, dist_info)
+    except TrainingInterrupted as stop:
+        log.warning("%s; continue with --resume", stop)
+        return image_level.INTERRUPTED_EXIT_CODE
+    finally:
+        cleanup_distributed()
+
+
+def train(args, device: torch.device, dist_info) -> int:
+    image_level.prepare_run(args, device)
+    layout, outputs = DatasetLayout(args.dataset), OutputLayout(args.output)
+    labels_path = Path(args.cell_level_labels_path or outputs.pseudo_labels_h5)
+    if not labels_path.is_file():
+        raise UserInputError(f"{labels_path} not found: run src.predict.predict_cells_from_image_level_densenet")
+    if not layout.folds_csv.is_file():
+        raise UserInputError(f"{layout.folds_csv} not found: run src.preprocessing.create_imagelevel_folds")
+    with store.PseudoLabels(labels_path) as pseudo:
+        image_ids = np.array([i.decode() for i in pseudo.column("image_id")])
+        cell_indices = pseudo.column("cell_i")
+        sources = [SOURCE_NAMES[int(code)] for code in pseudo.column("source")]
+        targets = soft_targets(pseudo.column("predictions"), image_ids, cell_indices,
+                               read_selections(args.selection, args.selection_class))
+    if args.image_label_weight:
+        if not 0 <= args.image_label_weight <= 1:
+            raise UserInputError("--image-label-weight must be in [0, 1]")
+        table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
+        targets = blend_image_labels(targets, image_ids, table, args.image_label_weight)
+    folds = pd.read_csv(layout.folds_csv, dtype={"ID": str})
+    fold_of = dict(zip(folds["ID"], folds["fold"]))
+    cells = pd.DataFrame({"ID": image_ids, "cell_i": cell_indices, "source": sources})
+    cell_fold = cells["ID"].map(fold_of).fillna(-1).astype(int).to_numpy()
+    train_rows = upsampled_indices(targets[cell_fold != args.fold], args.upsample_minorities)
+    train_rows = np.flatnonzero(cell_fold != args.fold)[train_rows]
+    valid_rows = np.flatnonzero(cell_fold == args.fold)
+    if len(valid_rows) == 0 or len(train_rows) == 0:
+        raise UserInputError(f"fold {args.fold}: {len(train_rows)} training and {len(valid_rows)} validation cells")
+    log.info("fold %d: %d training cells (after upsampling), %d validation cells at %d px", args.fold,
+             len(train_rows), len(valid_rows), args.img_size)
+    make = lambda rows, augment: CellDataset(layout, outputs.bboxes_dir, cells.iloc[rows].reset_index(drop=True),  # noqa: E731
+                                             targets[rows], args.img_size, augment, args.seed, args.in_channels)
+    return image_level.run_training(args, device, dist_info, make(train_rows, True), make(valid_rows, False),
+                                    cell_level_metrics, *SELECT_BY[args.select_by])
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,82 @@
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from src.data.bbox_records import build_record, record_path, write_record
+from src.data.labels import read_label_table
+from src.data.make_synthetic import write_synthetic_dataset
+from src.data.schema import OutputLayout
+from src.data.synthetic import SyntheticConfig
+from src.predict import pseudo_label_store as store
+from src.preprocessing.create_imagelevel_folds import assign_folds
+from src.train import train_cellwise as cellwise
+from src.utils.io import UserInputError
+
+
+def test_binned_accuracy_by_hand():
+    predictions = np.array([0.23, 0.26, 1.0, 0.97, 0.0])
+    targets = np.array([0.21, 0.24, 1.0, 0.96, 0.049])
+    # bins 4/4 hit, 5/4 miss, 19/19 hit (1.0 sits in the last bin), 19/19 hit, 0/0 hit
+    assert cellwise.binned_accuracy(predictions, targets) == pytest.approx(0.8)
+
+
+def test_soft_targets_selection_and_blend():
+    predictions = np.array([[0.2, 1.3], [0.5, -0.1], [0.1, 0.0]], np.float32)
+    ids = np.array(["a", "a", "b"])
+    cells = np.array([0, 1, 0])
+    selection = pd.DataFrame({"ID": ["a", "b", "zz"], "cell_i": [1, 0, 3]})
+    targets = cellwise.soft_targets(predictions, ids, cells, [(0, selection)])
+    np.testing.assert_allclose(targets, [[0.2, 1.0], [1.0, 0.0], [1.0, 0.0]], rtol=1e-6)
+    table = pd.DataFrame({"ID": ["a"], "Label": ["1"]})
+    full = np.zeros((3, 19), np.float32)
+    blended = cellwise.blend_image_labels(full + 0.4, ids, table, 0.5)
+    assert blended[0, 1] == pytest.approx(0.7) and blended[0, 0] == pytest.approx(0.2)
+    assert blended[2, 1] == pytest.approx(0.2)  # image b has no label row: only the soft part
+
+
+def test_upsampled_indices_repeat_minority_cells():
+    targets = np.zeros((40, 19))
+    targets[:38, 0] = 0.9      # majority class: 38 cells
+    targets[38, 11] = 0.8      # minority: 1 cell < 38 / 19
+    targets[39, 16] = 0.3      # below 0.5: not a positive
+    indices = cellwise.upsampled_indices(targets, 3)
+    assert len(indices) == 42 and (indices == 38).sum() == 3
+    assert len(cellwise.upsampled_indices(targets, 0)) == 40
+
+
+def test_train_cellwise_end_to_end(tmp_path):
+    layout = write_synthetic_dataset(tmp_path / "data", 10, 0, SyntheticConfig(image_size=96, cells_min=3, cells_max=4), 3)
+    table = read_label_table(layout.train_csv)
+    assign_folds(table, 5, seed=0).to_csv(layout.folds_csv, index=False)
+    outputs = OutputLayout(tmp_path / "output")
+    rows = []
+    for image_id in table["ID"]:
+        mask = cv2.imread(str(layout.truth_mask_path(image_id)), cv2.IMREAD_UNCHANGED)
+        record = build_record(image_id, mask)
+        write_record(record_path(outputs.bboxes_dir, "train", image_id), record)
+        n = record.n_cells
+        rows.append(store.CellRows(store.encode_ids([image_id] * n), np.arange(n, dtype=np.int32),
+                                   np.zeros(n, np.uint8), np.zeros(n, np.int8),
+                                   np.random.default_rng(n).random((n, 19)).astype(np.float16),
+                                   np.zeros((n, 8), np.float16)))
+    store.write_part(outputs.pseudo_labels_h5, "s0of1", store.CellRows.concat(rows))
+    store.unify(outputs.pseudo_labels_h5)
+    selection = tmp_path / "mitotic_cells_selection.csv"
+    pd.DataFrame({"ID": [table["ID"].iloc[0]], "cell_i": [0]}).to_csv(selection, index=False)
+    args = ["--dataset", str(layout.root), "--output", str(outputs.root), "--fold", "1", "--arch", "densenet_tiny",
+            "--img_size", "32", "--batch_size", "4", "--workers", "0", "--gradient-accumulation-steps", "2",
+            "--epochs", "1", "--scheduler", "Cosine", "--out_dir", "cells", "--init-weights", "none",
+            "--selection", str(selection), "--eval-at-start", "--log-every", "0"]
+    assert cellwise.main(args) == 0
+    run_dir = outputs.model_dir("cells", 1)
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert {"val_binned_accuracy", "val_map", "val_focal_loss"} <= set(metrics.columns) and len(metrics) == 2
+    assert (run_dir / "best.pth").is_file() and (run_dir / "final.pth").is_file()
+    checkpoint = torch.load(run_dir / "final.pth", weights_only=False)
+    assert checkpoint["model_config"]["arch"] == "densenet_tiny"
+    with pytest.raises(UserInputError, match="cannot tell the class"):
+        bad = tmp_path / "some_selection.csv"
+        bad.write_text("ID,cell_i\n")
+        cellwise.main(args[:-5] + ["--selection", str(bad)])
