@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid-png", default=None,
                         help="image grid (default: OUTPUT/denoising/{slug}_selection_grid.png)")
     parser.add_argument("--max-tiles", type=int, default=48, help="cells shown in the grid")
+    parser.add_argument("--dataset", default="input/synthetic",
+                        help="dataset whose images give the grid's cell crops (with {output}/bboxes records)")
     parser.add_argument("--verbose", action="store_true")
     return parser
 
@@ -203,10 +205,33 @@ def run(args: argparse.Namespace, load_crop: CropLoader | None = None) -> pd.Dat
     return selected
 
 
+def record_crop_loader(dataset: str | os.PathLike, output_dir: str | os.PathLike) -> CropLoader:
+    """(ID, cell_i) -> RGB crop of the cell (others zeroed) from the train or public images, or None."""
+    from src.data.bbox_records import masked_crop, read_record, record_path
+    from src.data.images import ImageReadError, read_field
+    from src.data.schema import DatasetLayout
+
+    layout, bboxes_dir = DatasetLayout(dataset), OutputLayout(output_dir).bboxes_dir
+
+    def load(image_id: str, cell_i: int):
+        for source in ("train", "public"):
+            path = record_path(bboxes_dir, source, image_id)
+            if path.is_file():
+                try:
+                    field = read_field(layout.image_dir(source), image_id, channels=("red", "green", "blue"))
+                    return masked_crop(field, read_record(path), cell_i)
+                except (ImageReadError, ValueError, IndexError):
+                    return None
+        return None
+
+    return load
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    run(args)
+    has_records = OutputLayout(args.output_dir).bboxes_dir.is_dir() and Path(args.dataset).is_dir()
+    run(args, record_crop_loader(args.dataset, args.output_dir) if has_records else None)
     return 0
 
 
