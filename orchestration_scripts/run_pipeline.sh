@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Every stage, every fold, for one dataset folder (train/ + test/), from preprocessing to submission.
+# Sizes and schedules come from the environment; the defaults are the reference's full-scale recipe
+# (image-level training here is one pass; orchestration_scripts/train_image_level.sh has both passes).
+#   DATASET=input/hpa OUTPUT=output N_FOLDS=5 bash orchestration_scripts/run_pipeline.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=${PYTHON:-.venv/bin/python}
+DATASET=${DATASET:-input/synthetic}
+OUTPUT=${OUTPUT:-output}
+N_FOLDS=${N_FOLDS:-5}
+WORKERS=${WORKERS:-4}
+ARCH=${ARCH:-densenet121}
+IMAGE_SIZE=${IMAGE_SIZE:-1024}        # image-level model input side
+CELL_SIZE=${CELL_SIZE:-512}           # cell-level model input side
+BATCH=${BATCH:-8}
+CELL_BATCH=${CELL_BATCH:-32}
+ACCUM=${ACCUM:-200}
+CELL_ACCUM=${CELL_ACCUM:-4}
+SCHEDULER=${SCHEDULER:-Adam10}
+LR_MULT=${LR_MULT:-4}
+CELL_LR_MULT=${CELL_LR_MULT:-4}
+IMAGE_EPOCHS=${IMAGE_EPOCHS:-10}
+CELL_EPOCHS=${CELL_EPOCHS:-5}
+DENOISE_FOLDS=${DENOISE_FOLDS:-3}
+KNN=${KNN:-200}
+EIGEN=${EIGEN:-50}
+SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: the reference's 0.92 x class maximum
+FUSION_WEIGHT=${FUSION_WEIGHT:-0.3}
+IMAGE_RUN=${IMAGE_RUN:-image_level}
+CELL_RUN=${CELL_RUN:-cellwise}
+TRAIN_FLAGS=${TRAIN_FLAGS:-}          # extra flags for both trainers, e.g. "--init-weights none"
+CELL_FLAGS=${CELL_FLAGS:-}            # extra flags for train_cellwise, e.g. "--image-label-weight 0.5"
+last_fold=$((N_FOLDS - 1))
+folds=$(seq -s, 0 "$last_fold")
+
+step() { echo; echo "=== $* ==="; }
+
+step "preprocessing"
+for source in "" --test-data; do
+  $py -m src.preprocessing.cache_images --dataset "$DATASET" --size "$IMAGE_SIZE" --workers "$WORKERS" $source
+done
+$py -m src.preprocessing.bestfitting_duplicates_search --dataset "$DATASET" --workers "$WORKERS"
+$py -m src.preprocessing.create_imagelevel_folds --dataset "$DATASET" --n-folds "$N_FOLDS" --drop-duplicates
+for source in "" --test-data; do
+  $py -m src.preprocessing.generate_cell_bboxes --dataset "$DATASET" --output-dir "$OUTPUT" --workers "$WORKERS" \
+    --no-progress $source
+done
+$py -m src.preprocessing.detect_negatives_with_obvious_staining --dataset "$DATASET" --output-dir "$OUTPUT"
+$py -m src.preprocessing.create_denoising_folds --output-dir "$OUTPUT" --n-folds "$DENOISE_FOLDS"
+
+step "image-level training, $N_FOLDS folds"
+for fold in $(seq 0 "$last_fold"); do
+  $py -m src.train.train_bestfitting --dataset "$DATASET" --output "$OUTPUT" --fold "$fold" --arch "$ARCH" \
+    --img_size "$IMAGE_SIZE" --batch_size "$BATCH" --workers "$WORKERS" --gradient-accumulation-steps "$ACCUM" \
+    --scheduler "$SCHEDULER" --scheduler-lr-multiplier "$LR_MULT" --epochs "$IMAGE_EPOCHS" \
+    --out_dir "$IMAGE_RUN" --eval-at-start --resume --log-every 0 $TRAIN_FLAGS
+done
+
+step "pseudo-labels"
+$py -m src.predict.predict_cells_from_image_level_densenet --dataset "$DATASET" --output-dir "$OUTPUT" \
+  --run-name "$IMAGE_RUN" --img-size "$IMAGE_SIZE" --workers "$WORKERS"
+
+step "graph denoising, $DENOISE_FOLDS folds"
+for fold in $(seq 0 $((DENOISE_FOLDS - 1))); do
+  $py -m src.denoising.graph_denoising --fold "$fold" --output-dir "$OUTPUT" --n-neighbors "$KNN" \
+    --n-eigenvectors "$EIGEN" --plot-class "Mitotic spindle"
+done
+threshold=(--denoised-at-least 0.92)
+[ -n "$SELECT_ABOVE" ] && threshold=(--denoised-above "$SELECT_ABOVE")
+$py -m src.denoising.select_candidates --class "Mitotic spindle" --init-below 0.4 "${threshold[@]}" \
+  --output-dir "$OUTPUT" --dataset "$DATASET" --out "$OUTPUT/mitotic_cells_selection.csv"
+
+step "cell-level training, $N_FOLDS folds"
+for fold in $(seq 0 "$last_fold"); do
+  $py -m src.train.train_cellwise --dataset "$DATASET" --output "$OUTPUT" --fold "$fold" --arch "$ARCH" \
+    --img_size "$CELL_SIZE" --batch_size "$CELL_BATCH" --workers "$WORKERS" --gradient-accumulation-steps "$CELL_ACCUM" \
+    --scheduler "$SCHEDULER" --scheduler-lr-multiplier "$CELL_LR_MULT" --epochs "$CELL_EPOCHS" --out_dir "$CELL_RUN" \
+    --load-state-dict-path "$OUTPUT/models/$IMAGE_RUN/fold$fold/final.pth" \
+    --selection "$OUTPUT/mitotic_cells_selection.csv" --resume --log-every 0 $TRAIN_FLAGS $CELL_FLAGS
+done
+
+step "submission"
+$py -m src.predict.predict_submission --dataset "$DATASET" --output-dir "$OUTPUT" --run-name "$CELL_RUN" \
+  --folds "$folds" --img-size "$CELL_SIZE" --fusion-run "$IMAGE_RUN" --fusion-img-size "$IMAGE_SIZE" \
+  --fusion-weight "$FUSION_WEIGHT" --out "$OUTPUT/submission.csv"
+echo "pipeline finished: $OUTPUT/submission.csv"
