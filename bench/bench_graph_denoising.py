@@ -125,9 +125,12 @@ def print_quality(rows: list[dict], n_cells: int) -> None:
               f"recall {row['recall']:.3f} precision {row['precision']:.3f}")
 
 
-def run_child(mode: list[str]) -> dict:
-    completed = subprocess.run([sys.executable, __file__, "--child", *mode], capture_output=True, text=True,
-                               cwd=REPO_ROOT)
+def run_child(mode: list[str], args: argparse.Namespace) -> dict:
+    """Run one step in a fresh process (own peak memory), with this run's settings."""
+    settings = ["--dims", str(args.dims), "-k", str(args.k), "-m", str(args.m), "--pca-dims", str(args.pca_dims),
+                "--knn-method", args.knn_method, "--seed", str(args.seed)]
+    completed = subprocess.run([sys.executable, __file__, *settings, "--child", *mode], capture_output=True,
+                               text=True, cwd=REPO_ROOT)
     if completed.returncode != 0:
         raise RuntimeError(f"child {mode} failed:\n{completed.stderr[-3000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -165,8 +168,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_denoise_") as tmp:
         for n_cells in args.sizes:
             workdir = Path(tmp) / f"n{n_cells}"
-            run_child(["generate", str(n_cells), str(workdir)])
-            result = run_child(["measure", str(workdir)])
+            run_child(["generate", str(n_cells), str(workdir)], args)
+            result = run_child(["measure", str(workdir)], args)
             steps = result["timings"]
             print(f"{n_cells:>8} {result['seconds']:>8.1f} {result['cpu_seconds']:>6.1f} {steps['load']:>6.1f} "
                   f"{steps['graph']:>6.1f} {steps['eigen']:>6.1f} {steps['solve']:>6.1f} {steps['write']:>6.1f} {result['iterations']:>5} "
@@ -178,7 +181,7 @@ def main() -> None:
         print_quality(rows if n_cells == args.sizes[-1] else [r for r in rows if r["classes"] == "all classes"],
                       n_cells)
     if args.reference_size:
-        speed = run_child(["reference", str(args.reference_size)])
+        speed = run_child(["reference", str(args.reference_size)], args)
         gap = abs(speed["fast_objective"] - speed["slow_objective"]) / speed["slow_objective"]
         print(f"\nslow reference vs fast path at {args.reference_size} cells (exact kNN in {args.dims} dims): "
               f"slow {speed['slow_seconds']:.1f} s, fast {speed['fast_seconds']:.1f} s, "

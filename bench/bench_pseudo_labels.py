@@ -1,6 +1,6 @@
 """Pseudo-labelling throughput: the full stage vs a bare model forward on the same crops in memory.
 
-    .venv/bin/python -m bench.bench_pseudo_labels [--arch densenet121] [--img-size 128] [--images 16]
+    .venv/bin/python -m bench.bench_pseudo_labels [--arch densenet121] [--img-size 128] [--images 48]
 
 Full stage = DataLoader workers reading records and cached fields, crops, 4 TTA views, part files
 and the final unify. Bare = the same model and views over the same inputs already in memory.
@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", default="densenet121")
     parser.add_argument("--img-size", type=int, default=128)
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=48, help="fields (fixed start-up costs need a few hundred cells to amortise)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
