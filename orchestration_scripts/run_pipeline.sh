@@ -12,6 +12,7 @@ N_FOLDS=${N_FOLDS:-5}
 WORKERS=${WORKERS:-4}
 ARCH=${ARCH:-densenet121}
 IMAGE_SIZE=${IMAGE_SIZE:-1024}        # image-level model input side
+FULL_CACHE_SIZE=${FULL_CACHE_SIZE:-}  # field side to cache at full resolution for the cell crops (e.g. 2048); empty: none
 CELL_SIZE=${CELL_SIZE:-512}           # cell-level model input side
 BATCH=${BATCH:-8}
 CELL_BATCH=${CELL_BATCH:-32}
@@ -38,7 +39,9 @@ step() { echo; echo "=== $* ==="; }
 
 step "preprocessing"
 for source in "" --test-data; do
-  $py -m src.preprocessing.cache_images --dataset "$DATASET" --size "$IMAGE_SIZE" --workers "$WORKERS" $source
+  for size in "$IMAGE_SIZE" $FULL_CACHE_SIZE; do
+    $py -m src.preprocessing.cache_images --dataset "$DATASET" --size "$size" --workers "$WORKERS" $source
+  done
 done
 $py -m src.preprocessing.bestfitting_duplicates_search --dataset "$DATASET" --workers "$WORKERS"
 $py -m src.preprocessing.create_imagelevel_folds --dataset "$DATASET" --n-folds "$N_FOLDS" --drop-duplicates
