@@ -113,6 +113,16 @@ def read_label_table(path: str | os.PathLike, source: str = "train") -> pd.DataF
     return table
 
 
+def source_image_ids(layout, source: str) -> list[str]:
+    """IDs of one source of a dataset (a schema.DatasetLayout) in table order: train.csv, public.csv or
+    test.csv (`ID,ImageWidth,ImageHeight`, no labels)."""
+    if source == "test":
+        if not layout.test_csv.is_file():
+            raise LabelTableError(f"{layout.test_csv}: test table not found")
+        return pd.read_csv(layout.test_csv, dtype={"ID": str})["ID"].tolist()
+    return read_label_table(layout.train_csv if source == "train" else layout.public_csv, source)["ID"].tolist()
+
+
 def read_label_tables(train_csv: str | os.PathLike, public_csv: str | os.PathLike | None = None) -> pd.DataFrame:
     """The training table, plus the public table when given, with a `source` column; IDs unique across both."""
     tables = [read_label_table(train_csv, "train")]

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from src.data.cache import cache_one
 from src.data.images import ImageReadError
-from src.data.labels import read_label_table
+from src.data.labels import source_image_ids
 from src.data.schema import DatasetLayout
 from src.utils.io import UserInputError, run_cli, setup_logging, write_csv_atomic
 
@@ -35,12 +35,7 @@ def _cache_task(args: tuple) -> tuple[str, str | None]:
 def cache_dataset(layout: DatasetLayout, source: str, size: int, workers: int = 1,
                   limit: int | None = None) -> list[tuple[str, str]]:
     """Cache every field of `source` at `size` px; returns (ID, reason) for fields that failed."""
-    table_path = layout.train_csv if source == "train" else layout.public_csv
-    if source == "test":
-        table_path = layout.test_csv
-        ids = pd.read_csv(table_path, dtype=str)["ID"].tolist()
-    else:
-        ids = read_label_table(table_path, source)["ID"].tolist()
+    ids = source_image_ids(layout, source)
     ids = ids[:limit] if limit else ids
     image_dir = layout.image_dir(source)
     tasks = [(image_dir, image_id, layout.cache_path(size, image_id), size) for image_id in ids

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from src.data.bbox_records import (CELL_TABLE_NAME, FAILED_TABLE_NAME, RECORD_SUFFIX, RecordError, build_cell_table,
                                    build_record, list_record_ids, records_dir, write_record)
 from src.data.images import ImageReadError, read_field
-from src.data.labels import read_label_table
+from src.data.labels import source_image_ids
 from src.data.schema import DatasetLayout, OutputLayout
 from src.segmentation import BACKENDS, make_segmenter
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
@@ -44,15 +44,6 @@ EXIT_FAILED_IMAGES = 1
 EXIT_WORKER_DIED = 3
 
 _worker: dict = {}
-
-
-def image_ids(layout: DatasetLayout, source: str) -> list[str]:
-    """IDs of one source in table order: train.csv, public.csv or test.csv."""
-    if source == "test":
-        if not layout.test_csv.is_file():
-            raise UserInputError(f"{layout.test_csv} not found")
-        return pd.read_csv(layout.test_csv, dtype={"ID": str})["ID"].tolist()
-    return read_label_table(layout.train_csv if source == "train" else layout.public_csv, source)["ID"].tolist()
 
 
 def _init_worker(segmenter_config: dict, image_dir: str, out_dir: str, single_thread: bool) -> None:
@@ -130,7 +121,7 @@ def generate(layout: DatasetLayout, out_dir: Path, source: str, segmenter_config
              limit: int | None = None, progress: bool = True) -> tuple[list[tuple[str, str]], int, bool]:
     """Segment the images of `source` that have no record yet. Returns (failures as (ID, error),
     number of records written, whether a worker died)."""
-    ids = image_ids(layout, source)
+    ids = source_image_ids(layout, source)
     ids = ids[:limit] if limit else ids
     out_dir.mkdir(parents=True, exist_ok=True)
     removed = remove_stale_temporaries(out_dir)

@@ -26,7 +26,7 @@ import pandas as pd
 from src.data.bbox_records import read_record, record_path
 from src.data.images import ImageReadError, read_field
 from src.data.schema import DatasetLayout, OutputLayout
-from src.preprocessing.generate_cell_bboxes import image_ids
+from src.data.labels import source_image_ids
 from src.segmentation import BACKENDS, make_segmenter
 from src.segmentation.matching import match_masks
 from src.segmentation.overlay import overlay
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         raise UserInputError(f"image folder {image_dir} not found")
     if reference_dir is not None and not reference_dir.is_dir():
         raise UserInputError(f"reference mask folder {reference_dir} not found")
-    ids = args.ids or image_ids(layout, args.source)
+    ids = args.ids or source_image_ids(layout, args.source)
     ids = ids[:args.limit] if args.limit else ids
     segmenter = None if args.from_records else make_segmenter(
         args.backend, work_size=args.work_size, nuclei_model=args.nuclei_model, cell_model=args.cell_model)
