@@ -122,3 +122,20 @@ def test_real_hpa_fields(hpa_samples):
     small = read_field(hpa_samples / "images", image_id, size=512)
     assert small.shape == (512, 512, 4)
     assert abs(float(small.mean()) - float(field.mean())) < 1.0
+
+
+def test_full_resolution_uses_square_cache_and_never_squeezes(tmp_path):
+    from src.data.cache import load_full_resolution
+    from src.utils.io import save_npy_atomic
+
+    rng = np.random.default_rng(5)
+    layout = DatasetLayout(tmp_path)
+    write_field(layout.image_dir("train"), "wide", random_planes(rng, (24, 40)))
+    field = load_full_resolution(layout, "train", "wide", (24, 40))
+    assert field.shape == (24, 40, 4)
+    write_field(layout.image_dir("train"), "sq", random_planes(rng, (32, 32)))
+    marker = np.full((32, 32, 4), 7, np.uint8)  # differs from the PNGs: proves the cache was read
+    save_npy_atomic(marker, layout.cache_path(32, "sq"))
+    np.testing.assert_array_equal(load_full_resolution(layout, "train", "sq", (32, 32)), marker)
+    save_npy_atomic(marker, layout.cache_path(24, "wide"))
+    assert load_full_resolution(layout, "train", "wide", (24, 40)).shape == (24, 40, 4)

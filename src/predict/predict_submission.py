@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from src.data.bbox_records import masked_crop, read_record, record_path
-from src.data.cache import load_field
+from src.data.cache import load_field, load_full_resolution
 from src.data.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES
-from src.data.images import ImageReadError, read_field
+from src.data.images import ImageReadError
 from src.data.schema import DatasetLayout, OutputLayout
 from src.evaluation.rle import encode_mask
 from src.predict.cell_inputs import EXTRA_TTA_VIEWS, TTA_VIEWS, cell_inputs, cellwise_input, predict_views
@@ -77,7 +77,7 @@ def ensemble_predict(models: list, inputs: np.ndarray, views: tuple[str, ...], b
 def cell_model_inputs(layout: DatasetLayout, image_id: str, record, style: str, img_size: int) -> np.ndarray:
     if style == "image-level":
         return cell_inputs(load_field(layout, "test", image_id, img_size), record, img_size)
-    field = read_field(layout.image_dir("test"), image_id)
+    field = load_full_resolution(layout, "test", image_id, record.image_shape)
     return np.stack([cellwise_input(masked_crop(field, record, i), img_size).transpose(2, 0, 1)
                      for i in range(record.n_cells)]) if record.n_cells else np.zeros((0, 4, img_size, img_size), np.uint8)
 
@@ -150,9 +150,10 @@ def main(argv=None) -> int:
     for index, test in enumerate(tqdm(tests.itertuples(index=False), total=len(tests), desc="test fields")):
         image_id = test.ID
         width, height = test.ImageWidth, test.ImageHeight
+        if image_id in failed:  # segmentation could not read it
+            rows.append((image_id, width, height, ""))
+            continue
         try:
-            if image_id in failed:
-                raise ImageReadError(layout.image_dir("test") / image_id, failed[image_id])
             record = read_record(record_path(outputs.bboxes_dir, "test", image_id))
             height, width = record.image_shape
             probabilities = ensemble_predict(models, cell_model_inputs(layout, image_id, record, args.input_style,
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
         rows.append((image_id, width, height, prediction_string(record.cell_mask, probabilities)))
         cell_rows += [(image_id, cell_i, *probabilities[cell_i]) for cell_i in range(record.n_cells)]
         if index < args.overlays:
-            draw_overlay(read_field(layout.image_dir("test"), image_id), record.cell_mask, probabilities,
+            draw_overlay(load_full_resolution(layout, "test", image_id, record.image_shape), record.cell_mask, probabilities,
                          out.parent / f"{out.stem}_overlays" / f"{image_id}.png")
     write_csv_atomic(pd.DataFrame(rows, columns=["ID", "ImageWidth", "ImageHeight", "PredictionString"]), out)
     write_csv_atomic(pd.DataFrame(cell_rows, columns=["ID", "cell_i", *[str(c) for c in range(NUM_CLASSES)]]),

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from src.data.bbox_records import masked_crop, read_record, record_path
-from src.data.cache import load_field
+from src.data.cache import load_full_resolution
 from src.data.classes import CLASS_NAMES, class_index
 from src.data.labels import labels_to_multihot, read_label_tables
 from src.data.schema import DatasetLayout, OutputLayout
@@ -118,7 +118,7 @@ class CellDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         record = self._record(self.sources[index], self.ids[index])
-        field = load_field(self.layout, self.sources[index], self.ids[index], record.image_shape[0])
+        field = load_full_resolution(self.layout, self.sources[index], self.ids[index], record.image_shape)
         image = cellwise_input(masked_crop(field, record, self.cell_i[index]), self.img_size)[..., :self.in_channels]
         if self.augment:
             image = dihedral(image, dihedral_index(self.seed, epoch, index))
