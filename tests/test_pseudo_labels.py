@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from src.data.bbox_records import build_record, read_record, record_path, write_record
-from src.data.images import RGBY, read_field, write_channel
+from src.data.images import read_field
 from src.data.labels import read_label_table
 from src.data.make_synthetic import write_synthetic_dataset
 from src.data.schema import OutputLayout

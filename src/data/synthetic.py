@@ -107,10 +107,14 @@ def _points_in(rng: np.random.Generator, mask: np.ndarray, count: int, weights: 
     return np.stack([ys[pick], xs[pick]], axis=1).astype(np.float64) + rng.uniform(-0.5, 0.5, (count, 2))
 
 
+def _depth(mask: np.ndarray) -> np.ndarray:
+    """Distance (px) of each pixel of `mask` to its outside; the field border counts as outside."""
+    return cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+
+
 def _ring(mask: np.ndarray, width: float) -> np.ndarray:
     """Pixels of `mask` within `width` px of its outside."""
-    inside = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
-    return mask & (inside <= max(width, 1.0))
+    return mask & (_depth(mask) <= max(width, 1.0))
 
 
 def _spindle(canvas: np.ndarray, centre: np.ndarray, axis_angle: float, half_length: float, plate_half: float,
@@ -217,8 +221,7 @@ def _paint_cell(rng: np.random.Generator, channels: np.ndarray, window: tuple[sl
 
 
 def _erode(mask: np.ndarray, width: float) -> np.ndarray:
-    inside = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
-    shrunk = inside > width
+    shrunk = _depth(mask) > width
     return shrunk if shrunk.any() else mask
 
 

@@ -78,11 +78,11 @@ def predict_images(model: torch.nn.Module, loader, final_path: Path, shard_name:
                    views: tuple[str, ...], device: torch.device, amp_dtype: torch.dtype | None,
                    cells_per_part: int, progress: tqdm | None = None) -> list[tuple[str, str]]:
     """Run the model over the loader's images, writing complete images to part files; returns failures."""
-    failures, pending = [], []
+    failures, pending, pending_cells = [], [], 0
     crash_after = int(os.environ.get(CRASH_AFTER_PARTS_ENV, "0"))
 
     def flush() -> None:
-        nonlocal pending
+        nonlocal pending, pending_cells
         if not pending:
             return
         inputs = torch.cat([item["inputs"] for item in pending])
@@ -101,7 +101,7 @@ def predict_images(model: torch.nn.Module, loader, final_path: Path, shard_name:
             predictions=torch.cat(probabilities).numpy().astype(np.float16),
             embeddings=torch.cat(embeddings).numpy().astype(np.float16))
         store.write_part(final_path, shard_name, rows)
-        pending = []
+        pending, pending_cells = [], 0
         if crash_after and len(list(store.parts_dir(final_path).glob(f"{shard_name}-*.h5"))) >= crash_after:
             os._exit(17)
 
@@ -113,7 +113,8 @@ def predict_images(model: torch.nn.Module, loader, final_path: Path, shard_name:
             failures.append((item["image_id"], item["error"]))
             continue
         pending.append(item)
-        if sum(len(p["inputs"]) for p in pending) >= cells_per_part:
+        pending_cells += len(item["inputs"])
+        if pending_cells >= cells_per_part:
             flush()
     flush()
     return failures
