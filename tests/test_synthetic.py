@@ -123,3 +123,15 @@ def test_cli_is_deterministic_and_refuses_bad_flags(tmp_path):
         make_synthetic_main(["--out", str(tmp_path / "d"), "--majority", "1.5"])
     assert not (tmp_path / "d").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_cli_keeps_a_matching_dataset_and_refuses_a_different_one(tmp_path):
+    args = ["--out", str(tmp_path / "a"), "--n-train", "3", "--n-test", "1", "--image-size", "96"]
+    assert make_synthetic_main(args) == 0
+    labels_before = (tmp_path / "a" / "train.csv").stat().st_mtime_ns
+    assert make_synthetic_main(args) == 0  # same settings: kept, not rebuilt
+    assert (tmp_path / "a" / "train.csv").stat().st_mtime_ns == labels_before
+    with pytest.raises(UserInputError, match="--force"):
+        make_synthetic_main([*args, "--n-test", "2"])
+    assert make_synthetic_main([*args, "--force", "--n-test", "2"]) == 0
+    assert len((tmp_path / "a" / "test.csv").read_text().splitlines()) == 3  # header + 2 fields
