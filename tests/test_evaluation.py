@@ -123,3 +123,33 @@ def test_cli_on_submission_file(tmp_path, two_cells):
                  ).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(metric.UserInputError):
         metric.main(["--submission", str(tmp_path / "bad.csv"), "--truth", str(truth_dir)])
+
+
+def test_bootstrap_difference_equals_scoring_each_resample_in_full(two_cells):
+    label_mask, _ = two_cells
+    cells_by_image = {"x": {1: [0], 2: [0, 16], 3: [16]}, "y": {1: [16], 2: [18], 3: [0]}, "z": {1: [18], 2: [0], 3: [0]}}
+    truth = {image_id: truth_image(label_mask, cells) for image_id, cells in cells_by_image.items()}
+    rng = np.random.default_rng(3)
+    confidences = iter(rng.permutation(200) / 200)  # distinct, so ties never decide a rank
+
+    def random_submission():
+        return [prediction(image_id, cls, next(confidences), label_mask == cell)
+                for image_id in truth for cell in (1, 2, 3) for cls in (0, 16, 18) if rng.random() < 0.6]
+
+    baseline, challenger = random_submission(), random_submission()
+    differences = metric.bootstrap_map_difference(baseline, challenger, truth, n_resamples=12, seed=7)
+
+    draws, image_ids = np.random.default_rng(7), sorted(truth)
+    for difference in differences:
+        repeats = dict(zip(image_ids, draws.multinomial(3, np.full(3, 1 / 3))))
+        copies = {f"{i}#{k}": truth[i] for i in image_ids for k in range(repeats[i])}
+
+        def copied(predictions):
+            return [metric.Prediction(f"{p.image_id}#{k}", p.cls, p.confidence, p.rle)
+                    for p in predictions for k in range(repeats[p.image_id])]
+
+        expected = (metric.mean_ap(metric.cell_map(copied(challenger), copies))
+                    - metric.mean_ap(metric.cell_map(copied(baseline), copies)))
+        assert difference == pytest.approx(expected)
+    assert np.ptp(differences) > 0  # the resamples differ
+    assert not metric.bootstrap_map_difference(baseline, baseline, truth, n_resamples=5).any()

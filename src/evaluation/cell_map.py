@@ -7,7 +7,8 @@ matches a not-yet-matched true cell of that class in the same image at IoU >= 0.
 cell), otherwise a false positive (so a duplicate of a matched cell counts as a miss). AP is the
 area under the precision envelope over recall (the precision at each recall step is the highest
 precision at that recall or beyond); mAP is the mean over the classes that have true cells.
-Truth: a folder with masks/{ID}.png (uint16 labels) and cell_labels.csv (ID,split,cell_id,labels).
+`bootstrap_map_difference` gives the spread of the mAP difference of two submissions over resampled
+images. Truth: a folder with masks/{ID}.png (uint16 labels) and cell_labels.csv (ID,split,cell_id,labels).
 """
 from __future__ import annotations
 
@@ -83,16 +84,57 @@ def match_class(predictions: list[Prediction], truth: dict[str, TruthImage], cls
     return hits
 
 
+def class_hits(predictions: list[Prediction], truth: dict[str, TruthImage]) -> list[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Per class: (hit flags, confidences, image ids) of that class's predictions."""
+    scored = []
+    for cls in range(NUM_CLASSES):
+        of_class = [p for p in predictions if p.cls == cls]
+        scored.append((match_class(of_class, truth, cls), np.array([p.confidence for p in of_class], dtype=np.float64),
+                       [p.image_id for p in of_class]))
+    return scored
+
+
 def cell_map(predictions: list[Prediction], truth: dict[str, TruthImage]) -> pd.DataFrame:
     """Per-class table: class, name, n_true, n_predictions, AP. mAP = mean AP over rows with n_true > 0."""
     rows = []
-    for cls in range(NUM_CLASSES):
-        of_class = [p for p in predictions if p.cls == cls]
+    for cls, (hits, confidences, _) in enumerate(class_hits(predictions, truth)):
         n_true = sum(cls in classes for image in truth.values() for classes in image.cell_classes)
-        hits = match_class(of_class, truth, cls)
-        confidences = np.array([p.confidence for p in of_class])
-        rows.append((cls, CLASS_NAMES[cls], n_true, len(of_class), average_precision(hits, confidences, n_true)))
+        rows.append((cls, CLASS_NAMES[cls], n_true, hits.size, average_precision(hits, confidences, n_true)))
     return pd.DataFrame(rows, columns=["class", "name", "n_true", "n_predictions", "AP"])
+
+
+def bootstrap_map_difference(baseline: list[Prediction], challenger: list[Prediction], truth: dict[str, TruthImage],
+                             n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """mAP(challenger) - mAP(baseline) on `n_resamples` resamples (with replacement) of the truth's images.
+
+    Matching never crosses images, so every prediction's hit flag is fixed and a resample only repeats
+    or drops whole images; predictions on images outside `truth` are left out. Both submissions see
+    the same resamples (a paired bootstrap); the mean runs over the classes present in each resample.
+    """
+    image_ids = sorted(truth)
+    position = {image_id: k for k, image_id in enumerate(image_ids)}
+    true_per_image = np.zeros((len(image_ids), NUM_CLASSES))
+    for k, image_id in enumerate(image_ids):
+        for classes in truth[image_id].cell_classes:
+            true_per_image[k, sorted(classes)] += 1
+
+    def indexed(predictions: list[Prediction]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        kept = [p for p in predictions if p.image_id in position]
+        return [(hits, confidences, np.array([position[i] for i in ids], dtype=np.int64))
+                for hits, confidences, ids in class_hits(kept, truth)]
+
+    scored = (indexed(baseline), indexed(challenger))
+    rng = np.random.default_rng(seed)
+    differences = np.empty(n_resamples)
+    for r in range(n_resamples):
+        repeats = rng.multinomial(len(image_ids), np.full(len(image_ids), 1 / len(image_ids)))
+        n_true = repeats @ true_per_image
+        maps = [np.mean([average_precision(np.repeat(hits, repeats[images]), np.repeat(confidences, repeats[images]),
+                                           int(n_true[cls]))
+                         for cls, (hits, confidences, images) in enumerate(per_class) if n_true[cls] > 0])
+                for per_class in scored]
+        differences[r] = maps[1] - maps[0]
+    return differences
 
 
 def mean_ap(table: pd.DataFrame) -> float:
