@@ -10,6 +10,7 @@ from src.data.synthetic import SyntheticConfig
 from src.evaluation.rle import decode_mask
 from src.predict.cell_inputs import cellwise_input, tta_view
 from src.predict.predict_submission import main as submission_main
+from src.predict import predict_submission
 from src.predict.predict_submission import negative_probability
 from src.train.models import build_model
 
@@ -91,3 +92,24 @@ def test_corrupt_field_is_reported_and_the_rest_written(test_fields, tmp_path):
     assert submission.set_index("ID").loc[broken, "PredictionString"] == ""
     assert (submission.drop(index=1)["PredictionString"].str.len() > 0).all()
     assert broken in pd.read_csv(tmp_path / "s_failed.csv", dtype={"ID": str})["ID"].tolist()
+
+
+def test_interrupted_run_leaves_the_previous_submission_whole(test_fields, tmp_path, monkeypatch):
+    layout, outputs = test_fields
+    out = tmp_path / "submission.csv"
+    run(layout, outputs, out)
+    before = {path.name: path.read_bytes() for path in tmp_path.glob("*.csv")}
+    calls = []
+    real_predict = predict_submission.ensemble_predict
+
+    def dies_on_second_field(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for a kill half-way through the test fields
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(predict_submission, "ensemble_predict", dies_on_second_field)
+    with pytest.raises(KeyboardInterrupt):
+        run(layout, outputs, out, "--negative", "product")
+    assert {path.name: path.read_bytes() for path in tmp_path.glob("*.csv")} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(before)  # no temporary files left

@@ -116,7 +116,8 @@ def main(argv=None) -> int:
         found = json.loads(config_path.read_text()) if config_path.is_file() else None
         if found != wanted:
             raise UserInputError(f"{out_dir} exists but was not made with these settings "
-                                 f"({config_path.name}: {found}); use --force to rebuild it")
+                                 f"({config_path.name}: {found}); pass --force to rebuild it, or remove it and the "
+                                 f"outputs made from it")
         log.info("%s exists with these settings; keeping it (use --force to rebuild)", out_dir)
         return 0
     write_synthetic_dataset(out_dir, args.n_train, args.n_test, config, args.seed)
