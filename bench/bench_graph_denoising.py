@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 
 from src.data.classes import CLASS_NAMES, NUM_CLASSES  # noqa: E402
 from src.data.schema import OutputLayout  # noqa: E402
+from src.predict import pseudo_label_store as store  # noqa: E402
 
 # (rule, threshold): "fraction" = Y_opt >= threshold * class max (the reference's rule, default 0.92),
 # "absolute" = Y_opt >= threshold (select_candidates --denoised-above)
@@ -42,12 +43,13 @@ def generate(n_cells: int, n_dims: int, seed: int, workdir: Path) -> None:
     cells = make_clustered_cells(n_cells, n_dims=n_dims, seed=seed)
     layout = OutputLayout(workdir)
     layout.root.mkdir(parents=True, exist_ok=True)
-    image_ids = np.array([f"img{i // 20:06d}" for i in range(n_cells)], dtype="S64")
+    image_ids = store.encode_ids([f"img{i // 20:06d}" for i in range(n_cells)])
     cell_indices = (np.arange(n_cells) % 20).astype(np.int32)
-    with h5py.File(layout.pseudo_labels_h5, "w") as h5:
-        h5["image_id"], h5["cell_i"] = image_ids, cell_indices
-        h5["predictions"] = cells.predictions.astype(np.float16)
-        h5["embeddings"] = cells.embeddings.astype(np.float16)
+    no_code = np.zeros(n_cells, np.int8)
+    store.write_part(layout.pseudo_labels_h5, "bench", store.CellRows(
+        image_ids, cell_indices, no_code.astype(np.uint8), no_code, cells.predictions.astype(np.float16),
+        cells.embeddings.astype(np.float16)))
+    store.unify(layout.pseudo_labels_h5, compression=None)
     pd.DataFrame({"ID": image_ids.astype(str), "cell_i": cell_indices, "fold": 0}).to_csv(
         layout.denoising_folds_csv, index=False)
     # predictions go through float16 in the HDF5: keep the truth on the stored values

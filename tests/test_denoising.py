@@ -13,6 +13,7 @@ from src.data.classes import CLASS_NAMES, NUM_CLASSES
 from src.data.schema import OutputLayout
 from src.denoising import graph, graph_denoising, reference, select_candidates, solver
 from src.denoising.synthetic import make_clustered_cells
+from src.predict import pseudo_label_store as store
 from src.utils.io import UserInputError
 
 CLASS_MITOTIC = CLASS_NAMES.index("Mitotic spindle")
@@ -212,13 +213,13 @@ def write_inputs(root, n_cells=900, n_dims=24, n_folds=3, seed=7):
     cells = small_cells(n_cells, n_dims=n_dims, seed=seed)
     layout = OutputLayout(root)
     layout.root.mkdir(parents=True, exist_ok=True)
-    image_ids = np.array([f"img{i // 10:04d}" for i in range(n_cells)], dtype="S64")
+    image_ids = store.encode_ids([f"img{i // 10:04d}" for i in range(n_cells)])
     cell_indices = (np.arange(n_cells) % 10).astype(np.int32)
-    with h5py.File(layout.pseudo_labels_h5, "w") as h5:
-        h5["image_id"] = image_ids
-        h5["cell_i"] = cell_indices
-        h5["predictions"] = cells.predictions.astype(np.float16)
-        h5["embeddings"] = cells.embeddings.astype(np.float16)
+    no_code = np.zeros(n_cells, np.int8)
+    store.write_part(layout.pseudo_labels_h5, "test", store.CellRows(
+        image_ids, cell_indices, no_code.astype(np.uint8), no_code, cells.predictions.astype(np.float16),
+        cells.embeddings.astype(np.float16)))
+    store.unify(layout.pseudo_labels_h5, compression=None)
     folds = pd.DataFrame({"ID": image_ids.astype(str), "cell_i": cell_indices,
                           "fold": np.random.default_rng(seed).permutation(np.arange(n_cells) % n_folds)})
     folds.sample(frac=1.0, random_state=seed).to_csv(layout.denoising_folds_csv, index=False)  # order must not matter
