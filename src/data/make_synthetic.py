@@ -37,6 +37,11 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_CODES[split], index])
 
 
+def dataset_settings(n_train: int, n_test: int, config: SyntheticConfig, seed: int) -> dict:
+    """Everything that decides the dataset's bytes, as stored in synthetic_config.json."""
+    return {"seed": seed, "n_train": n_train, "n_test": n_test, **dataclasses.asdict(config)}
+
+
 def write_synthetic_dataset(out_dir: str | Path, n_train: int, n_test: int, config: SyntheticConfig,
                             seed: int = 0) -> DatasetLayout:
     """Generate the dataset and rename it onto `out_dir` (replacing one that exists); returns its layout."""
@@ -67,8 +72,7 @@ def write_synthetic_dataset(out_dir: str | Path, n_train: int, n_test: int, conf
         pd.DataFrame(cell_rows, columns=["ID", "split", "cell_id", "labels"]).to_csv(
             layout.truth_cell_labels_csv, index=False)
         pd.DataFrame(clean_rows, columns=["ID", "split", "Label"]).to_csv(layout.truth_image_labels_csv, index=False)
-        (staging / "synthetic_config.json").write_text(
-            json.dumps({"seed": seed, "n_train": n_train, "n_test": n_test, **dataclasses.asdict(config)}, indent=2))
+        layout.synthetic_config_json.write_text(json.dumps(dataset_settings(n_train, n_test, config, seed), indent=2))
         if out_dir.exists():  # --force: swap the new dataset in, then drop the old one
             retired = out_dir.with_name(f".{out_dir.name}.retired")
             shutil.rmtree(retired, ignore_errors=True)
@@ -111,10 +115,9 @@ def main(argv=None) -> int:
     config = SyntheticConfig(image_size=args.image_size, cells_min=args.cells_min, cells_max=args.cells_max,
                              debris_per_field=args.debris, majority=args.majority, label_noise=args.label_noise)
     if out_dir.exists() and not args.force:
-        wanted = {"seed": args.seed, "n_train": args.n_train, "n_test": args.n_test, **dataclasses.asdict(config)}
-        config_path = out_dir / "synthetic_config.json"
+        config_path = DatasetLayout(out_dir).synthetic_config_json
         found = json.loads(config_path.read_text()) if config_path.is_file() else None
-        if found != wanted:
+        if found != dataset_settings(args.n_train, args.n_test, config, args.seed):
             raise UserInputError(f"{out_dir} exists but was not made with these settings "
                                  f"({config_path.name}: {found}); pass --force to rebuild it, or remove it and the "
                                  f"outputs made from it")

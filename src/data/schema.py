@@ -86,6 +86,11 @@ class DatasetLayout:
     def truth_image_labels_csv(self) -> Path:
         return self.truth_dir / "image_labels_clean.csv"
 
+    @property
+    def synthetic_config_json(self) -> Path:
+        """Settings a synthetic dataset was generated with (src.data.make_synthetic)."""
+        return self.root / "synthetic_config.json"
+
 
 # ---------------------------------------------------------------------------------------------
 # Outputs of the later stages, under one output folder (default `output/`):
