@@ -4,12 +4,15 @@ import pandas as pd
 import pytest
 import torch
 
-from src.data.bbox_records import build_record, record_path, write_record
+from src.data.bbox_records import build_record, masked_crop, read_record, record_path, write_record
+from src.data.cache import cache_one
+from src.data.images import read_field
 from src.data.labels import read_label_table
 from src.data.make_synthetic import write_synthetic_dataset
 from src.data.schema import OutputLayout
 from src.data.synthetic import SyntheticConfig
 from src.predict import pseudo_label_store as store
+from src.predict.cell_inputs import cellwise_input
 from src.preprocessing.create_imagelevel_folds import assign_folds
 from src.train import train_cellwise as cellwise
 from src.utils.io import UserInputError
@@ -80,3 +83,30 @@ def test_train_cellwise_end_to_end(tmp_path):
         bad = tmp_path / "some_selection.csv"
         bad.write_text("ID,cell_i\n")
         cellwise.main(args[:-5] + ["--selection", str(bad)])
+
+
+def test_cell_dataset_items_equal_crops_of_the_decoded_field(tmp_path):
+    layout = write_synthetic_dataset(tmp_path / "data", 2, 0, SyntheticConfig(image_size=96, cells_min=3, cells_max=4), 5)
+    outputs = OutputLayout(tmp_path / "output")
+    table = read_label_table(layout.train_csv)
+    cells = []
+    for image_id in table["ID"]:
+        mask = cv2.imread(str(layout.truth_mask_path(image_id)), cv2.IMREAD_UNCHANGED)
+        write_record(record_path(outputs.bboxes_dir, "train", image_id), build_record(image_id, mask))
+        cells += [(image_id, cell_i, "train") for cell_i in range(int(mask.max()))]
+    cells = pd.DataFrame(cells, columns=["ID", "cell_i", "source"])
+    targets = np.zeros((len(cells), 19), np.float32)
+
+    def expected(row):
+        record = read_record(record_path(outputs.bboxes_dir, "train", row.ID))  # with its mask
+        field = read_field(layout.image_dir("train"), row.ID)
+        return cellwise_input(masked_crop(field, record, row.cell_i), 40).transpose(2, 0, 1)
+
+    dataset = cellwise.CellDataset(layout, outputs.bboxes_dir, cells, targets, img_size=40)
+    for index, row in enumerate(cells.itertuples()):  # no cache: decoded from the PNGs
+        np.testing.assert_array_equal(dataset[index][0].numpy(), expected(row))
+    for image_id in table["ID"]:  # the same through the memory-mapped 96-px cache
+        cache_one(layout.image_dir("train"), image_id, layout.cache_path(96, image_id), 96)
+    assert all(layout.cache_path(96, image_id).is_file() for image_id in table["ID"])
+    for index, row in enumerate(cells.itertuples()):
+        np.testing.assert_array_equal(dataset[index][0].numpy(), expected(row))

@@ -41,10 +41,12 @@ def load_field(layout: DatasetLayout, source: str, image_id: str, size: int | No
     return read_field(layout.image_dir(source), image_id, channels=channels, size=size)
 
 
-def load_full_resolution(layout: DatasetLayout, source: str, image_id: str, shape: tuple[int, int]) -> np.ndarray:
-    """A field at its own (height, width): the `cache_{side}` copy of a square field when present, else
-    decoded without resizing (a non-square field is never squeezed into a square cache)."""
+def load_full_resolution(layout: DatasetLayout, source: str, image_id: str, shape: tuple[int, int],
+                         mmap: bool = False) -> np.ndarray:
+    """A field at its own (height, width): the `cache_{side}` copy of a square field when present (with
+    `mmap`, memory-mapped, for reading one crop), else decoded without resizing (a non-square field is
+    never squeezed into a square cache)."""
     height, width = shape
     if height == width and layout.cache_path(height, image_id).is_file():
-        return load_cached(layout.cache_path(height, image_id))
+        return load_cached(layout.cache_path(height, image_id), mmap=mmap)
     return read_field(layout.image_dir(source), image_id)

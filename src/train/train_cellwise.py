@@ -110,7 +110,8 @@ class CellDataset(Dataset):
     def _record(self, source: str, image_id: str):
         key = (source, image_id)
         if key not in self._records:
-            self._records[key] = read_record(record_path(self.bboxes_dir, source, image_id))
+            # masked_crop at the record's own size needs only the alien indices, not the mask
+            self._records[key] = read_record(record_path(self.bboxes_dir, source, image_id), load_mask=False)
             if len(self._records) > 64:
                 self._records.popitem(last=False)
         return self._records[key]
@@ -118,7 +119,7 @@ class CellDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         record = self._record(self.sources[index], self.ids[index])
-        field = load_full_resolution(self.layout, self.sources[index], self.ids[index], record.image_shape)
+        field = load_full_resolution(self.layout, self.sources[index], self.ids[index], record.image_shape, mmap=True)
         image = cellwise_input(masked_crop(field, record, self.cell_i[index]), self.img_size)[..., :self.in_channels]
         if self.augment:
             image = dihedral(image, dihedral_index(self.seed, epoch, index))
