@@ -225,7 +225,7 @@ def _erode(mask: np.ndarray, width: float) -> np.ndarray:
     return shrunk if shrunk.any() else mask
 
 
-def draw_cell_states(rng: np.random.Generator, count: int) -> tuple[list[set[int]], np.ndarray]:
+def draw_cell_states(rng: np.random.Generator, count: int, negative_image_rate: float) -> tuple[list[set[int]], np.ndarray]:
     """One image's protein: per-cell class sets and mitotic flags (the HPA sampling story).
 
     Most images show one or two main classes in most cells; mitotic-spindle proteins show only in
@@ -236,7 +236,7 @@ def draw_cell_states(rng: np.random.Generator, count: int) -> tuple[list[set[int
     main = {int(rng.choice(classes, p=weights / weights.sum()))}
     if rng.random() < 0.35:
         main.add(int(rng.choice(classes, p=weights / weights.sum())))
-    negative_image = rng.random() < 0.08
+    negative_image = rng.random() < negative_image_rate
     mitotic_rate = 0.05
     if MITOTIC_SPINDLE in main:
         mitotic_rate = rng.uniform(0.55, 0.75) if rng.random() < 0.3 else rng.uniform(0.1, 0.3)
@@ -292,7 +292,7 @@ def make_field(rng: np.random.Generator, config: SyntheticConfig) -> tuple[np.nd
     mean_radius = config.cell_radius * size
     centres = _place_centres(rng, int(rng.integers(config.cells_min, config.cells_max + 1)), size, mean_radius)
     count = len(centres)
-    cell_classes, mitotic = draw_cell_states(rng, count)
+    cell_classes, mitotic = draw_cell_states(rng, count, config.negative_image_rate)
     radii = mean_radius * rng.uniform(0.85, 1.25, count) * np.where(mitotic, 0.75, 1.0)
 
     best_distance = np.full((size, size), np.inf, np.float32)
