@@ -33,6 +33,7 @@ from src.predict import pseudo_label_store as store
 from src.predict.cell_inputs import TTA_VIEWS, cell_inputs, predict_views
 from src.preprocessing.bestfitting_duplicates_search import read_duplicates
 from src.preprocessing.unify_predictions_from_image_level_densenet import unify_and_report
+from src.train.datasets import read_folds
 from src.train.models import load_model_checkpoint
 from src.utils.io import UserInputError, run_cli, setup_logging
 
@@ -157,9 +158,7 @@ def main(argv=None) -> int:
     views = tuple(v.strip() for v in args.tta.split(",") if v.strip())
     if not views or set(views) - set(TTA_VIEWS):
         raise UserInputError(f"--tta must name views among {TTA_VIEWS}")
-    if not layout.folds_csv.is_file():
-        raise UserInputError(f"{layout.folds_csv} not found: run src.preprocessing.create_imagelevel_folds first")
-    folds = pd.read_csv(layout.folds_csv, dtype={"ID": str})
+    folds = read_folds(layout)
     duplicates = read_duplicates(layout.duplicates_csv) if layout.duplicates_csv.is_file() else None
     final_path = Path(args.out) if args.out else outputs.pseudo_labels_h5
     items = []

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -141,14 +142,18 @@ def initial_weights_path(args: argparse.Namespace) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run_main(parse_args(argv), train)
+
+
+def run_main(args: argparse.Namespace, train_fn: Callable[[argparse.Namespace, torch.device, object], int]) -> int:
+    """Logging, device and process group around `train_fn` (shared with src.train.train_cellwise)."""
     setup_logging(args.verbose)
     device = select_device(args)
     dist_info = init_distributed(device.type)
     if not dist_info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        return train(args, device, dist_info)
+        return train_fn(args, device, dist_info)
     except TrainingInterrupted as stop:
         log.warning("%s; continue with --resume", stop)
         return INTERRUPTED_EXIT_CODE

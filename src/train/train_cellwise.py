@@ -30,12 +30,9 @@ from src.data.schema import DatasetLayout, OutputLayout
 from src.predict import pseudo_label_store as store
 from src.predict.cell_inputs import cellwise_input
 from src.train import train_bestfitting as image_level
-from src.train.datasets import dihedral, dihedral_index
-from src.train.losses import focal_loss
-from src.train.metrics import macro_average_precision
-from src.train.trainer import TrainingInterrupted
-from src.train.distributed import cleanup_distributed, init_distributed
-from src.utils.io import UserInputError, run_cli, setup_logging
+from src.train.datasets import dihedral, dihedral_index, read_folds
+from src.train.metrics import image_level_metrics
+from src.utils.io import UserInputError, run_cli
 
 log = logging.getLogger("hpa.train")
 SELECT_BY = {"binned-accuracy": ("val_binned_accuracy", "max"), "loss": ("val_focal_loss", "min"),
@@ -52,10 +49,9 @@ def binned_accuracy(predictions: np.ndarray, targets: np.ndarray, width: float =
 
 
 def cell_level_metrics(logits: np.ndarray, targets: np.ndarray) -> dict:
+    """The image-level metrics (focal loss, mAP with targets >= 0.5 as positives) plus binned accuracy."""
     probabilities = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    return {"val_focal_loss": float(focal_loss(torch.from_numpy(logits), torch.from_numpy(targets))),
-            "val_binned_accuracy": binned_accuracy(probabilities, targets),
-            "val_map": macro_average_precision(targets >= 0.5, probabilities)}
+    return {**image_level_metrics()(logits, targets), "val_binned_accuracy": binned_accuracy(probabilities, targets)}
 
 
 def soft_targets(predictions: np.ndarray, image_ids: np.ndarray, cell_indices: np.ndarray,
@@ -165,17 +161,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.verbose)
-    device = image_level.select_device(args)
-    dist_info = init_distributed(device.type)
-    try:
-        return train(args, device, dist_info)
-    except TrainingInterrupted as stop:
-        log.warning("%s; continue with --resume", stop)
-        return image_level.INTERRUPTED_EXIT_CODE
-    finally:
-        cleanup_distributed()
+    return image_level.run_main(parse_args(argv), train)
 
 
 def train(args, device: torch.device, dist_info) -> int:
@@ -184,8 +170,7 @@ def train(args, device: torch.device, dist_info) -> int:
     labels_path = Path(args.cell_level_labels_path or outputs.pseudo_labels_h5)
     if not labels_path.is_file():
         raise UserInputError(f"{labels_path} not found: run src.predict.predict_cells_from_image_level_densenet")
-    if not layout.folds_csv.is_file():
-        raise UserInputError(f"{layout.folds_csv} not found: run src.preprocessing.create_imagelevel_folds")
+    folds = read_folds(layout)
     with store.PseudoLabels(labels_path) as pseudo:
         image_ids = np.array([i.decode() for i in pseudo.column("image_id")])
         cell_indices = pseudo.column("cell_i")
@@ -197,7 +182,6 @@ def train(args, device: torch.device, dist_info) -> int:
             raise UserInputError("--image-label-weight must be in [0, 1]")
         table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
         targets = blend_image_labels(targets, image_ids, table, args.image_label_weight)
-    folds = pd.read_csv(layout.folds_csv, dtype={"ID": str})
     fold_of = dict(zip(folds["ID"], folds["fold"]))
     cells = pd.DataFrame({"ID": image_ids, "cell_i": cell_indices, "source": sources})
     cell_fold = cells["ID"].map(fold_of).fillna(-1).astype(int).to_numpy()
