@@ -115,8 +115,6 @@ def unify(final_path: str | os.PathLike, compression: str | None = "gzip") -> in
                         next_row += int(count)
                 _append(handle, rows, keep, compression)
                 total += int(keep.sum())
-            if not handle.keys():
-                _append(handle, rows, np.zeros(0, bool), compression)
             handle.create_dataset("images/image_id", data=np.array(image_ids, dtype=ID_DTYPE))
             handle.create_dataset("images/start", data=np.array(starts, dtype=np.int64))
             handle.create_dataset("images/count", data=np.array(counts, dtype=np.int32))
@@ -130,7 +128,7 @@ def unify(final_path: str | os.PathLike, compression: str | None = "gzip") -> in
 
 def _append(handle: h5py.File, rows: CellRows, keep: np.ndarray, compression: str | None) -> None:
     for name in CellRows.__dataclass_fields__:
-        data = getattr(rows, name)[keep] if len(keep) else getattr(rows, name)[:0]
+        data = getattr(rows, name)[keep]
         if name not in handle:
             handle.create_dataset(name, shape=(0,) + data.shape[1:], maxshape=(None,) + data.shape[1:],
                                   dtype=data.dtype, chunks=(ROW_CHUNK,) + data.shape[1:],

@@ -60,11 +60,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
 def all_gather_objects(obj: Any) -> list[Any]:
     """[obj of rank 0, obj of rank 1, ...]; [obj] in a world of one."""
     if not is_distributed():

@@ -288,10 +288,6 @@ def _abbreviate(keys: list[str], limit: int = 8) -> str:
     return shown + (f" ... (+{len(keys) - limit})" if len(keys) > limit else "")
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def load_model_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> DenseNetClassifier:
     """Rebuild a model from one of our checkpoints (best.pth / final.pth / last.pth) for inference."""
     checkpoint = read_checkpoint(path)
