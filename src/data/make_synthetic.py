@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from src.data.images import RGBY, write_channel
 from src.data.labels import format_labels
-from src.data.schema import DatasetLayout
+from src.data.schema import CELL_LABELS_COLUMNS, TEST_COLUMNS, DatasetLayout
 from src.data.synthetic import SyntheticConfig, add_label_noise, image_labels_from_cells, make_field
 from src.utils.io import UserInputError, run_cli, setup_logging
 
@@ -68,8 +68,8 @@ def write_synthetic_dataset(out_dir: str | Path, n_train: int, n_test: int, conf
             else:
                 test_rows.append((image_id, config.image_size, config.image_size))
         pd.DataFrame(label_rows, columns=["ID", "Label"]).to_csv(layout.train_csv, index=False)
-        pd.DataFrame(test_rows, columns=["ID", "ImageWidth", "ImageHeight"]).to_csv(layout.test_csv, index=False)
-        pd.DataFrame(cell_rows, columns=["ID", "split", "cell_id", "labels"]).to_csv(
+        pd.DataFrame(test_rows, columns=list(TEST_COLUMNS)).to_csv(layout.test_csv, index=False)
+        pd.DataFrame(cell_rows, columns=list(CELL_LABELS_COLUMNS)).to_csv(
             layout.truth_cell_labels_csv, index=False)
         pd.DataFrame(clean_rows, columns=["ID", "split", "Label"]).to_csv(layout.truth_image_labels_csv, index=False)
         layout.synthetic_config_json.write_text(json.dumps(dataset_settings(n_train, n_test, config, seed), indent=2))

@@ -81,7 +81,8 @@ def load_fold_cells(pseudo_labels_h5: Path, folds_csv: Path, fold: int) -> FoldC
         absent = [name for name in ("image_id", "cell_i", "predictions", "embeddings") if name not in h5]
         if absent:
             raise UserInputError(f"{pseudo_labels_h5} lacks datasets {absent}")
-        keys = pd.DataFrame({"ID": h5["image_id"][:].astype(str), "cell_i": h5["cell_i"][:].astype(np.int64)})
+        all_image_ids, all_cell_indices = h5["image_id"][:], h5["cell_i"][:]
+        keys = pd.DataFrame({"ID": all_image_ids.astype(str), "cell_i": all_cell_indices.astype(np.int64)})
         n_rows = len(keys)
         if h5["predictions"].shape != (n_rows, NUM_CLASSES) or h5["embeddings"].shape[0] != n_rows:
             raise UserInputError(f"{pseudo_labels_h5}: predictions {h5['predictions'].shape} / embeddings "
@@ -100,8 +101,8 @@ def load_fold_cells(pseudo_labels_h5: Path, folds_csv: Path, fold: int) -> FoldC
         rows = np.unique(joined.loc[~unmatched, "row"].to_numpy(dtype=np.int64))
         predictions = _read_rows(h5["predictions"], rows).astype(np.float32)
         embeddings = _read_rows(h5["embeddings"], rows)
-        image_ids = h5["image_id"][:][rows].astype("S64")
-        cell_indices = h5["cell_i"][:][rows].astype(np.int32)
+        image_ids = all_image_ids[rows].astype("S64")
+        cell_indices = all_cell_indices[rows].astype(np.int32)
     bad = ~np.isfinite(predictions).all(axis=1)
     if bad.any():
         raise UserInputError(f"{int(bad.sum())} cells of fold {fold} have NaN/inf predictions "

@@ -208,7 +208,8 @@ def run(args: argparse.Namespace, load_crop: CropLoader | None = None) -> pd.Dat
 def record_crop_loader(dataset: str | os.PathLike, output_dir: str | os.PathLike) -> CropLoader:
     """(ID, cell_i) -> RGB crop of the cell (others zeroed) from the train or public images, or None."""
     from src.data.bbox_records import masked_crop, read_record, record_path
-    from src.data.images import ImageReadError, read_field
+    from src.data.cache import load_full_resolution
+    from src.data.images import ImageReadError
     from src.data.schema import DatasetLayout
 
     layout, bboxes_dir = DatasetLayout(dataset), OutputLayout(output_dir).bboxes_dir
@@ -218,8 +219,9 @@ def record_crop_loader(dataset: str | os.PathLike, output_dir: str | os.PathLike
             path = record_path(bboxes_dir, source, image_id)
             if path.is_file():
                 try:
-                    field = read_field(layout.image_dir(source), image_id, channels=("red", "green", "blue"))
-                    return masked_crop(field, read_record(path), cell_i)
+                    record = read_record(path, load_mask=False)  # a crop at the record's size needs no mask
+                    field = load_full_resolution(layout, source, image_id, record.image_shape, mmap=True)
+                    return masked_crop(field, record, cell_i)[..., :3]
                 except (ImageReadError, ValueError, IndexError):
                     return None
         return None

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from src.data.bbox_records import list_record_ids, read_record, record_path
+from src.data.classes import CLASS_INDEX, NEGATIVE, NUM_CLASSES
 from src.data.labels import parse_label_string
-from src.data.schema import DatasetLayout, OutputLayout
+from src.data.schema import DatasetLayout, OutputLayout, selection_csv
 from src.evaluation.cell_map import (Prediction, bootstrap_map_difference, cell_map, load_truth, mean_ap,
                                      parse_submission)
 from src.evaluation.rle import label_mask_to_rles
@@ -31,6 +32,7 @@ from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
 BOOTSTRAP_RESAMPLES = 1000
+MITOTIC = "Mitotic spindle"  # the class the demo's denoising selection adds
 
 
 def cell_predictions(outputs: OutputLayout, source: str, probabilities: dict[str, np.ndarray]) -> list[Prediction]:
@@ -51,13 +53,14 @@ def broadcast(outputs: OutputLayout, source: str, labels: dict[str, str]) -> dic
         if image_id not in labels:
             continue
         n_cells = read_record(record_path(outputs.bboxes_dir, source, image_id), load_mask=False).n_cells
-        row = np.zeros(19)
+        row = np.zeros(NUM_CLASSES)
         row[parse_label_string(labels[image_id])] = 1.0
         result[image_id] = np.tile(row, (n_cells, 1))
     return result
 
 
-def pseudo_label_probabilities(outputs: OutputLayout, selection: Path | None, cls: int = 11) -> tuple[dict, dict]:
+def pseudo_label_probabilities(outputs: OutputLayout, selection: Path | None,
+                               cls: int = CLASS_INDEX[MITOTIC]) -> tuple[dict, dict]:
     """Out-of-fold pseudo-labels per image, and the same with the selected cells set to 1 for `cls`."""
     with store.PseudoLabels(outputs.pseudo_labels_h5) as pseudo:
         plain = {image_id: pseudo.image(image_id, ("predictions",))["predictions"].astype(np.float64)
@@ -70,7 +73,7 @@ def pseudo_label_probabilities(outputs: OutputLayout, selection: Path | None, cl
                 added[image_id][int(cell_i), cls] = 1.0
     for table in (plain, added):
         for rows in table.values():
-            rows[:, 18] = negative_probability(rows)
+            rows[:, NEGATIVE] = negative_probability(rows)
     return plain, added
 
 
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     clean = pd.read_csv(layout.truth_image_labels_csv, dtype={"ID": str, "Label": str})
     test_labels = dict(zip(clean.loc[clean["split"] == "test", "ID"], clean.loc[clean["split"] == "test", "Label"]))
     noisy = pd.read_csv(layout.train_csv, dtype={"ID": str, "Label": str})
-    plain, added = pseudo_label_probabilities(outputs, outputs.root / "mitotic_cells_selection.csv")
+    plain, added = pseudo_label_probabilities(outputs, selection_csv(MITOTIC, outputs.root))
 
     def submission(path: Path) -> list[Prediction]:
         return parse_submission(pd.read_csv(path, dtype={"ID": str, "PredictionString": str}, keep_default_na=False))
