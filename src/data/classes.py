@@ -26,6 +26,11 @@ NEGATIVE: int = CLASS_NAMES.index("Negative")
 CLASS_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASS_NAMES)}
 
 
+def class_slug(name: str) -> str:
+    """The short file-name form of a class: its first word, lower case ('Mitotic spindle' -> 'mitotic')."""
+    return name.lower().split()[0]
+
+
 def class_index(name_or_index: str | int) -> int:
     """Index of a class given its name (case-insensitive) or its index as int or digit string."""
     if isinstance(name_or_index, int) or str(name_or_index).isdigit():

@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from src.data.classes import class_slug
+
 FOLDS_COLUMNS = ("ID", "source", "fold")
 DUPLICATES_COLUMNS = ("ID_a", "ID_b", "transform", "dist_red", "dist_green", "dist_blue")
 CELL_LABELS_COLUMNS = ("ID", "split", "cell_id", "labels")
@@ -155,8 +157,7 @@ def selection_csv(class_name: str, input_root: str | os.PathLike = "input") -> P
 
     'Mitotic spindle' -> input/mitotic_cells_selection.csv, the name the reference used.
     """
-    slug = class_name.lower().split()[0]
-    return Path(input_root) / f"{slug}_cells_selection.csv"
+    return Path(input_root) / f"{class_slug(class_name)}_cells_selection.csv"
 
 
 # ---------------------------------------------------------------------------------------------

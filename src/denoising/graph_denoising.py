@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from src.data.classes import CLASS_NAMES, NUM_CLASSES, class_index
+from src.data.classes import CLASS_NAMES, NUM_CLASSES, class_index, class_slug
 from src.data.schema import DENOISING_FOLDS_COLUMNS, SELECTION_COLUMNS, OutputLayout
 from src.denoising import graph, plots, solver
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging
@@ -264,9 +264,9 @@ def denoise_fold(args: argparse.Namespace) -> dict:
     write_denoised(out_path, cells, initial, result.labels, eigenvalues, attributes)
     if plot_class is not None:
         plots.plot_histograms(initial, result.labels, LABEL_COLUMNS, out_path.with_name(f"fold{args.fold}_histograms.png"))
-        slug = CLASS_NAMES[plot_class].lower().split()[0]
         plots.plot_before_after(initial[:, plot_class], result.labels[:, plot_class], vectors, CLASS_NAMES[plot_class],
-                                out_path.with_name(f"fold{args.fold}_{slug}_before_after.png"), args.seed)
+                                out_path.with_name(f"fold{args.fold}_{class_slug(CLASS_NAMES[plot_class])}_before_after.png"),
+                                args.seed)
     timings["write"] = time.perf_counter() - clock
     log.info("wrote %s (objective %.6g, %d iterations); seconds: %s", out_path, value, result.n_iter,
              ", ".join(f"{name} {seconds:.1f}" for name, seconds in timings.items()))

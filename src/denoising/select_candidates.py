@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from src.data.classes import CLASS_NAMES, class_index
+from src.data.classes import CLASS_NAMES, class_index, class_slug
 from src.data.schema import SELECTION_COLUMNS, OutputLayout, selection_csv
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
 
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace, load_crop: CropLoader | None = None) -> pd.Dat
     if not 0 < args.denoised_at_least <= 1:
         raise UserInputError("--denoised-at-least is a fraction of the class maximum: 0 < value <= 1")
     class_name = CLASS_NAMES[class_i]
-    slug = class_name.lower().split()[0]
+    slug = class_slug(class_name)
     paths = denoised_fold_paths(args.output_dir, args.folds)
     selected, everything = select_from_files(paths, class_i, args.init_below, args.denoised_at_least,
                                              args.denoised_above)

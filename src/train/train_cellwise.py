@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from src.data.bbox_records import masked_crop, read_record, record_path
 from src.data.cache import load_full_resolution
-from src.data.classes import CLASS_NAMES, class_index
+from src.data.classes import CLASS_NAMES, class_index, class_slug
 from src.data.labels import labels_to_multihot, read_label_tables
 from src.data.schema import DatasetLayout, OutputLayout
 from src.predict import pseudo_label_store as store
@@ -134,7 +134,7 @@ def read_selections(paths: list[str], classes: list[str] | None) -> list[tuple[i
             cls = class_index(classes[k])
         else:
             stem = Path(path).name.split("_")[0]
-            matches = [i for i, name in enumerate(CLASS_NAMES) if name.lower().split()[0] == stem]
+            matches = [i for i, name in enumerate(CLASS_NAMES) if class_slug(name) == stem]
             if len(matches) != 1:
                 raise UserInputError(f"cannot tell the class of {path}; pass --selection-class")
             cls = matches[0]
