@@ -179,11 +179,6 @@ OBVIOUS_STAINING_COLUMNS = ("ID", "source", "cell_i", "top10_mean", "obvious")
 OBVIOUS_STAINING_IMAGE_COLUMNS = ("ID", "source", "n_cells", "n_obvious", "obvious")
 
 
-def bbox_records_dir(output_root: str | os.PathLike, source: str) -> Path:
-    """`{output}/bboxes/{source}`: the records of one source ('train', 'public' or 'test')."""
-    return OutputLayout(output_root).bboxes_dir / source
-
-
 def obvious_staining_csv(dataset_root: str | os.PathLike) -> Path:
     return Path(dataset_root) / "obvious_staining.csv"
 

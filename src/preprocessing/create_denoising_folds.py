@@ -19,8 +19,8 @@ import logging
 import numpy as np
 import pandas as pd
 
-from src.data.bbox_records import read_cell_table
-from src.data.schema import DENOISING_FOLDS_COLUMNS, OutputLayout, bbox_records_dir
+from src.data.bbox_records import CELL_TABLE_NAME, read_cell_table, records_dir
+from src.data.schema import DENOISING_FOLDS_COLUMNS, OutputLayout
 from src.utils.io import UserInputError, run_cli, setup_logging, write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,12 @@ def main(argv=None) -> int:
     setup_logging()
     if args.n_folds < 1:
         raise UserInputError("--n-folds must be >= 1")
+    bboxes_dir = OutputLayout(args.output_dir).bboxes_dir
     sources = args.sources or ["train"] + (
-        ["public"] if (bbox_records_dir(args.output_dir, "public") / "cells.csv").is_file() else [])
+        ["public"] if (records_dir(bboxes_dir, "public") / CELL_TABLE_NAME).is_file() else [])
     tables = []
     for source in sources:
-        tables.append(read_cell_table(bbox_records_dir(args.output_dir, source))[["ID", "cell_i"]])
+        tables.append(read_cell_table(records_dir(bboxes_dir, source))[["ID", "cell_i"]])
     cells = pd.concat(tables, ignore_index=True)
     if cells.duplicated(["ID", "cell_i"]).any():
         raise UserInputError(f"an image ID appears in more than one of the sources {sources}")
