@@ -22,11 +22,12 @@ def test_epoch_offset_continues_the_schedule() -> None:
     assert _values("Adam10", 2, offset=20) == pytest.approx([5e-7, 5e-7])
 
 
-def test_adam20_is_adam10_stretched() -> None:
-    adam20 = _values("Adam20", 22)
-    adam10 = _values("Adam10", 11)
-    assert adam20[:16] == pytest.approx([lr for lr in adam10[:8] for _ in range(2)])
-    assert adam20[16:] == pytest.approx([5e-7] * 6)
+def test_adam20_and_its_warm_up_as_in_the_reference() -> None:
+    # the reference's epochs e = 1, 2, ...: 1e-5, then 5e-6 for e > 5, 2e-6 for e > 10, 1e-6 for e > 12, 5e-7 for e > 17
+    adam20 = [1e-5] * 5 + [5e-6] * 5 + [2e-6] * 2 + [1e-6] * 5 + [5e-7] * 3
+    assert _values("Adam20", 20) == pytest.approx(adam20)
+    assert _values("Adam20WarmUP", 20) == pytest.approx([1e-6] + adam20[1:])  # warm-up: 1e-6 while e <= 1
+    assert _values("Adam20WarmUP", 3, multiplier=4, offset=1) == pytest.approx([4e-5] * 3)
 
 
 def test_cosine_decreases_from_base_to_floor() -> None:

@@ -17,12 +17,29 @@ from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from src.data.cache import load_field
-from src.data.images import RGBY
+from src.data.images import RGBY, ImageReadError
 from src.data.labels import labels_to_multihot, read_label_tables
 from src.data.schema import FOLDS_COLUMNS, DatasetLayout
 from src.utils.io import UserInputError
 
 log = logging.getLogger(__name__)
+
+
+class SampleReadError(UserInputError):
+    """A training sample whose files cannot be read.
+
+    Its constructor takes one string, so a DataLoader worker's error is re-raised in the main process with
+    its own type; the re-raise prefixes the worker's traceback, which is cut back to the original line."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "  # the traceback's last line: module.SampleReadError: message
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+# What reading a damaged or missing field / cache / record raises.
+SAMPLE_READ_ERRORS = (ImageReadError, OSError, ValueError, EOFError)
 
 
 def read_folds(layout: DatasetLayout) -> pd.DataFrame:
@@ -88,7 +105,11 @@ class ImageLevelDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        field = load_field(self.layout, self.sources[index], self.ids[index], self.img_size)[..., :self.in_channels]
+        try:
+            field = load_field(self.layout, self.sources[index], self.ids[index], self.img_size)
+        except SAMPLE_READ_ERRORS as error:
+            raise SampleReadError(f"{self.sources[index]} image {self.ids[index]}: {error}") from None
+        field = field[..., :self.in_channels]
         if self.augment:
             field = dihedral(field, dihedral_index(self.seed, epoch, index))
         image = torch.from_numpy(np.ascontiguousarray(field.transpose(2, 0, 1)))

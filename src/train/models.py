@@ -9,13 +9,20 @@ so 1024 for densenet121 as in the reference). The embedding used for pseudo-labe
 output, as the reference took it. `head="plain"` is the variant without the hidden layer
 (avg pool -> logit; the embedding is then the pooled features).
 
+`densenet121_large` is bestfitting's `class_densenet121_large_dropout`, the network of the 2018
+competition checkpoint (trained at 1536 px): a MaxPool2d(2) after the stem's pool0 halves every feature
+map (a 1024-px input ends at 16x16), the rest as densenet121. The pool has no weights, so the state dict
+is the same; the variant is part of `config()`/`arch` and of our checkpoints.
+
 Parameter names follow the previous-competition model (`backbone.features.*`, `bn1`, `fc1`, `bn2`,
 `logit`) so its checkpoint maps almost one to one; see `load_weights` for the accepted formats.
 """
 from __future__ import annotations
 
 import logging
+import pickle
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,15 +33,20 @@ from torch import nn
 from torchvision.models import DenseNet
 
 from src.data.classes import CLASS_NAMES, NUM_CLASSES
+from src.utils.io import UserInputError
 
 log = logging.getLogger(__name__)
 
-# growth_rate, block_config, num_init_features, bn_size
+# growth_rate, block_config, num_init_features, bn_size; large: the extra MaxPool2d(2) after pool0
 ARCHS: dict[str, dict[str, Any]] = {
+    "densenet121_large": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4,
+                              large=True),
     "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, bn_size=4),
     "densenet_small": dict(growth_rate=16, block_config=(2, 4, 8, 6), num_init_features=32, bn_size=4),
     "densenet_tiny": dict(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, bn_size=2),
 }
+# The reference's architecture names (its --arch values) for ours.
+ARCH_ALIASES = {"class_densenet121_large_dropout": "densenet121_large", "class_densenet121_dropout": "densenet121"}
 # Channel statistics of 8-bit HPA images scaled to [0, 1] (RGBY), as used by the previous-competition model.
 HPA_MEAN = (0.074598, 0.050630, 0.050891, 0.076287)
 HPA_STD = (0.122813, 0.085745, 0.129882, 0.119411)
@@ -48,6 +60,26 @@ PREVIOUS_COMPETITION_CLASSES: tuple[str, ...] = (
     "Plasma membrane", "Cell junctions", "Mitochondria", "Aggresome", "Cytosol", "Cytoplasmic bodies",
     "Rods & rings",
 )
+# Our classes absent from 2018 and the 2018 row the reference copies into each anyway (its rows 26 and 27,
+# appended after the 17 rows matched by name).
+PREVIOUS_COMPETITION_FILL_ROWS: dict[str, str] = {
+    "Vesicles and punctate cytosolic patterns": "Cytoplasmic bodies", "Negative": "Rods & rings"}
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint file that cannot be read, or that does not fit the model (one line for the CLI)."""
+
+
+def arch_name(text: str) -> str:
+    """argparse type for --arch: one of ARCHS or a reference name from ARCH_ALIASES."""
+    name = ARCH_ALIASES.get(text, text)
+    if name not in ARCHS:
+        raise ValueError(text)
+    return name
+
+
+def is_large(arch: str) -> bool:
+    return bool(ARCHS[arch].get("large", False))
 
 
 def _channel_stats(values: tuple[float, ...], in_channels: int) -> list[float]:
@@ -70,7 +102,9 @@ class DenseNetClassifier(nn.Module):
         if head not in ("dropout", "plain"):
             raise ValueError(f"head must be 'dropout' or 'plain', got {head!r}")
         self.arch, self.in_channels, self.head_kind, self.dropout = arch, in_channels, head, dropout
-        self.backbone = DenseNet(**ARCHS[arch], memory_efficient=memory_efficient)
+        self.large = is_large(arch)
+        shape = {key: value for key, value in ARCHS[arch].items() if key != "large"}
+        self.backbone = DenseNet(**shape, memory_efficient=memory_efficient)
         self.num_features = self.backbone.classifier.in_features
         self.backbone.classifier = nn.Identity()  # unused: the head below replaces it
         if in_channels != 3:
@@ -79,6 +113,11 @@ class DenseNetClassifier(nn.Module):
                                                      stride=old.stride, padding=old.padding, bias=False)
             with torch.no_grad():
                 self.backbone.features.conv0.weight.copy_(adapt_input_conv(old.weight, in_channels))
+        if self.large:
+            layers = list(self.backbone.features.named_children())
+            after_stem = [name for name, _ in layers].index("pool0") + 1
+            layers.insert(after_stem, ("large_pool", nn.MaxPool2d(2, stride=2)))
+            self.backbone.features = nn.Sequential(OrderedDict(layers))
         self.register_buffer("input_mean", torch.tensor(_channel_stats(mean, in_channels)).view(1, -1, 1, 1),
                              persistent=False)
         self.register_buffer("input_std", torch.tensor(_channel_stats(std, in_channels)).view(1, -1, 1, 1),
@@ -169,12 +208,30 @@ class LoadReport:
 
 
 def read_checkpoint(path: str | Path) -> Any:
-    """torch.load on CPU; tensors-only files load with weights_only, older pickles fall back (local files only)."""
+    """torch.load on CPU with weights_only; a file that is not a readable PyTorch checkpoint (text, truncated,
+    corrupted) raises CheckpointError. Only a well-formed file that needs pickled classes beyond tensors (old
+    checkpoints with numpy scalars) is retried as a full pickle, with a warning (local files only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - old checkpoints may pickle numpy scalars etc.
-        log.warning("%s: not loadable with weights_only (%s); loading as a full pickle", path, type(error).__name__)
+    except pickle.UnpicklingError as error:
+        if not str(error).startswith("Weights only load failed"):
+            raise _unreadable(path, error) from None
+        log.warning("%s: holds more than tensors; loading it as a full pickle", path)
+    except Exception as error:  # noqa: BLE001 - torch reports damage as RuntimeError, EOFError, KeyError...
+        raise _unreadable(path, error) from None
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    reason = (str(error).strip().splitlines() or [""])[0][:120]
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or damaged "
+                           f"({type(error).__name__}{': ' + reason if reason else ''})")
 
 
 def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
@@ -183,10 +240,10 @@ def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[key] for key in _WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
         if inner is None:
-            raise ValueError(f"no state dict found in checkpoint (keys: {list(obj)[:10]})")
+            raise CheckpointError(f"no state dict found in checkpoint (keys: {list(obj)[:10]})")
         obj = inner
     if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
     state = {}
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
@@ -209,6 +266,8 @@ def _to_our_names(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
             key = "logit." + key.split(".", 1)[1]
         elif has_backbone and key.startswith(_ALIAS_PREFIXES):
             continue  # duplicates of backbone.features.* in the previous-competition model
+        elif key.startswith("backbone.classifier."):
+            continue  # the previous model kept torchvision's unused ImageNet classifier inside its backbone
         renamed[key] = value
     rows = renamed["logit.weight"].shape[0] if "logit.weight" in renamed else None
     if rows == len(PREVIOUS_COMPETITION_CLASSES):
@@ -221,16 +280,20 @@ def _to_our_names(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return renamed, kind
 
 
-def load_weights(model: DenseNetClassifier, source: str | Path | Mapping[str, Any]) -> LoadReport:
+def load_weights(model: DenseNetClassifier, source: str | Path | Mapping[str, Any], strict: bool = True) -> LoadReport:
     """Initialise `model` from a local checkpoint file or an in-memory checkpoint/state dict.
 
-    Accepted: (a) the previous-competition DenseNet121 (28-row classifier; rows copied to our classes by
-    name, classes new in 2021 keep their fresh initialisation); (b) a torchvision ImageNet DenseNet state
-    dict (old 'norm.1' key naming included; its 1000-class classifier is ignored); (c) our own checkpoints.
-    Any of them possibly nested under 'state_dict'/'model' and prefixed by 'module.'. The first conv is
-    adapted to the model's input channels (`adapt_input_conv`); tensors of other shapes are skipped.
-    Missing and unexpected keys are logged.
+    Accepted: (a) the previous-competition DenseNet121 (28-row classifier; rows copied to our classes as the
+    reference maps them, see `_map_class_rows`); (b) a torchvision ImageNet DenseNet state dict (old
+    'norm.1' key naming included; its 1000-class classifier is ignored, the head stays fresh); (c) our own
+    checkpoints. Any of them possibly nested under 'state_dict'/'model' and prefixed by 'module.'. The
+    first conv is adapted to the model's input channels (`adapt_input_conv`).
+
+    strict (default): a checkpoint that does not fit the model (missing, unexpected or wrongly shaped
+    tensors; one of our checkpoints of another architecture) raises CheckpointError naming the keys, and
+    nothing is loaded. Not strict: what fits is loaded and the rest logged.
     """
+    name = str(source) if isinstance(source, (str, Path)) else "checkpoint"
     checkpoint = read_checkpoint(source) if isinstance(source, (str, Path)) else source
     state, kind = _to_our_names(extract_state_dict(checkpoint))
     report = LoadReport(source_format=kind)
@@ -248,7 +311,7 @@ def load_weights(model: DenseNetClassifier, source: str | Path | Mapping[str, An
                 continue
             if value.shape[0] == len(PREVIOUS_COMPETITION_CLASSES) and target.shape[0] == NUM_CLASSES \
                     and value.shape[1:] == target.shape[1:]:
-                value = _map_class_rows(value, target, report)
+                value = _map_class_rows(value, report)
         elif key == "backbone.features.conv0.weight" and value.shape[1] != target.shape[1] \
                 and value.shape[0] == target.shape[0]:
             value = adapt_input_conv(value, target.shape[1])
@@ -257,11 +320,20 @@ def load_weights(model: DenseNetClassifier, source: str | Path | Mapping[str, An
             report.skipped_shape.append(key)
             continue
         mapped[key] = value.to(target.dtype)
-    result = model.load_state_dict(mapped, strict=False)
+    head_is_fresh = kind == "torchvision ImageNet"  # a backbone-only checkpoint: the head is new by design
+    report.missing = [key for key in own if key not in mapped and not key.endswith("num_batches_tracked")]
+    saved_arch = (checkpoint.get("model_config") or {}).get("arch") if isinstance(checkpoint, Mapping) else None
+    other_variant = saved_arch in ARCHS and is_large(saved_arch) != model.large
+    misfits = [key for key in report.missing if not (head_is_fresh and not key.startswith("backbone."))]
+    if strict and (misfits or report.unexpected or report.skipped_shape or other_variant):
+        raise CheckpointError(_misfit_line(name, model, kind, misfits, report, saved_arch if other_variant else None))
+    model.load_state_dict(mapped, strict=False)
     report.loaded = len(mapped)
-    report.missing = [key for key in result.missing_keys if not key.endswith("num_batches_tracked")]
-    log.info("loaded %d tensors (checkpoint format: %s); input conv adapted: %s; class rows mapped: %d",
-             report.loaded, kind, report.input_conv_adapted, len(report.class_rows))
+    log.info("loaded %d tensors (checkpoint format: %s) into %s; input conv adapted: %s; class rows mapped: %d",
+             report.loaded, kind, model.arch, report.input_conv_adapted, len(report.class_rows))
+    if kind.startswith("previous-competition") and not model.large:
+        log.warning("the 2018 checkpoint of the reference belongs to densenet121_large (MaxPool after the stem); "
+                    "--arch %s fits only bestfitting's class_densenet121_dropout weights", model.arch)
     if report.missing:
         log.warning("%d model tensors not in the checkpoint (kept as initialised): %s",
                     len(report.missing), _abbreviate(report.missing))
@@ -272,15 +344,25 @@ def load_weights(model: DenseNetClassifier, source: str | Path | Mapping[str, An
     return report
 
 
-def _map_class_rows(theirs: torch.Tensor, ours: torch.Tensor, report: LoadReport) -> torch.Tensor:
-    """Rows of the 28-class layer copied into our 19-class layer by class name."""
-    result = ours.clone()
-    for our_row, name in enumerate(CLASS_NAMES):
-        if name in PREVIOUS_COMPETITION_CLASSES:
-            their_row = PREVIOUS_COMPETITION_CLASSES.index(name)
-            result[our_row] = theirs[their_row]
-            report.class_rows[name] = their_row
-    return result
+def _misfit_line(name: str, model: DenseNetClassifier, kind: str, missing: list[str], report: LoadReport,
+                 saved_arch: str | None) -> str:
+    parts = [f"missing {len(missing)}: {_abbreviate(missing, 4)}" if missing else "",
+             f"unexpected {len(report.unexpected)}: {_abbreviate(report.unexpected, 4)}" if report.unexpected else "",
+             f"wrong shape or head: {_abbreviate(report.skipped_shape, 4)}" if report.skipped_shape else "",
+             f"saved from --arch {saved_arch}" if saved_arch else ""]
+    return (f"{name} ({kind}) does not fit --arch {model.arch} --head {model.head_kind}: "
+            + "; ".join(part for part in parts if part) + " (--non-strict loads what fits)")
+
+
+def _map_class_rows(theirs: torch.Tensor, report: LoadReport) -> torch.Tensor:
+    """Our 19 rows from the 28 of the 2018 layer, as the reference maps them: the 17 classes present in
+    both by name, then Vesicles and Negative from the 2018 rows of PREVIOUS_COMPETITION_FILL_ROWS."""
+    rows = []
+    for name in CLASS_NAMES:
+        their_name = name if name in PREVIOUS_COMPETITION_CLASSES else PREVIOUS_COMPETITION_FILL_ROWS[name]
+        rows.append(PREVIOUS_COMPETITION_CLASSES.index(their_name))
+        report.class_rows[name] = rows[-1]
+    return theirs[rows].clone()
 
 
 def _abbreviate(keys: list[str], limit: int = 8) -> str:
@@ -291,9 +373,14 @@ def _abbreviate(keys: list[str], limit: int = 8) -> str:
 def load_model_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> DenseNetClassifier:
     """Rebuild a model from one of our checkpoints (best.pth / final.pth / last.pth) for inference."""
     checkpoint = read_checkpoint(path)
-    config = dict(checkpoint.get("model_config") or {})
-    if not config:
-        raise ValueError(f"{path}: no model_config; build the model and use load_weights instead")
-    model = DenseNetClassifier(**config)
-    model.load_state_dict(checkpoint["model"])
+    config = dict(checkpoint.get("model_config") or {}) if isinstance(checkpoint, Mapping) else {}
+    if not config or not isinstance(checkpoint.get("model"), Mapping):
+        raise CheckpointError(f"{path}: not one of our model checkpoints (no model_config/model); "
+                              "train with src.train.train_bestfitting or src.train.train_cellwise")
+    try:
+        model = DenseNetClassifier(**config)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: its weights do not fit its model_config "
+                              f"({(str(error).splitlines() or [''])[0][:160]})") from None
     return model.to(device).eval()

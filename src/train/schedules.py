@@ -5,12 +5,13 @@ training loop and looks up epoch `e + 1 + epoch_offset` (the offset lets a secon
 schedule where a first one stopped).
 
 - Adam10: 1e-5 (epochs 1-2), 5e-6 (3-4), 2e-6 (5-6), 1e-6 (7-8), 5e-7 after.
-- Adam20: Adam10 stretched to 20 epochs: 1e-5 (1-4), 5e-6 (5-8), 2e-6 (9-12), 1e-6 (13-16), 5e-7 after.
+- Adam20: 1e-5 (epochs 1-5), 5e-6 (6-10), 2e-6 (11-12), 1e-6 (13-17), 5e-7 after.
+- Adam20WarmUP: Adam20 with a first epoch at 1e-6 (the reference's cell-level default).
 - Cosine: half cosine from 1e-5 at epoch 1 down to 5e-7 (the Adam10 floor) at the last epoch
   (`total_epochs + epoch_offset`), 5e-7 after it.
 - Constant: 1e-5 every epoch.
 All values are multiplied by `--scheduler-lr-multiplier` (the reference: 4 for the first pass, 0.3 for
-the second).
+the second). The Adam tables are those of the reference's `scheduler.py`, whose epochs also count from 1.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ FLOOR_LR = 5e-7
 # (last epoch of the step, learning rate)
 STEP_TABLES: dict[str, tuple[tuple[int, float], ...]] = {
     "Adam10": ((2, 1e-5), (4, 5e-6), (6, 2e-6), (8, 1e-6)),
-    "Adam20": ((4, 1e-5), (8, 5e-6), (12, 2e-6), (16, 1e-6)),
+    "Adam20": ((5, 1e-5), (10, 5e-6), (12, 2e-6), (17, 1e-6)),
+    "Adam20WarmUP": ((1, 1e-6), (5, 1e-5), (10, 5e-6), (12, 2e-6), (17, 1e-6)),
 }
-SCHEDULES: tuple[str, ...] = ("Adam10", "Adam20", "Cosine", "Constant")
+SCHEDULES: tuple[str, ...] = ("Adam10", "Adam20", "Adam20WarmUP", "Cosine", "Constant")
 
 
 def base_learning_rate(name: str, epoch: int, total_epochs: int = 10) -> float:

@@ -8,7 +8,9 @@
 Train = images whose folds.csv fold != --fold, validation = fold == --fold. Outputs in
 `{output}/models/{out_dir}/fold{N}/`: best.pth (by --select-by), final.pth, last.pth (resumable with
 --resume), metrics.csv, curves.png. Initial weights: --load-state-dict-path (the previous-competition
-model, a torchvision ImageNet state dict or one of our checkpoints), else --init-weights.
+model, a torchvision ImageNet state dict or one of our checkpoints), else --init-weights; loading is
+strict (a checkpoint that does not fit --arch stops the run) unless --non-strict. The default
+--arch densenet121_large is the network of the 2018 checkpoint, as in the reference.
 Under DDP the effective batch is batch_size x GPUs x accumulation steps.
 """
 from __future__ import annotations
@@ -25,13 +27,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from src.data.schema import DatasetLayout, OutputLayout
-from src.train.datasets import ImageLevelDataset, ResumableDistributedSampler, fold_split, make_loader
+from src.train.datasets import (ImageLevelDataset, ResumableDistributedSampler, SampleReadError, fold_split,
+                                 make_loader)
 from src.train.distributed import cleanup_distributed, init_distributed
 from src.train.losses import LOSSES, get_loss
 from src.train.metrics import image_level_metrics
-from src.train.models import ARCHS, build_model, load_weights, read_checkpoint
+from src.train.models import ARCHS, arch_name, build_model, load_weights, read_checkpoint
 from src.train.schedules import SCHEDULES, make_lr_schedule
-from src.train.trainer import (TrainerConfig, TrainingInterrupted, fit, load_training_checkpoint)
+from src.train.trainer import (TRAIN_CHECKPOINT_FORMAT, TrainerConfig, TrainingInterrupted, fit,
+                               load_training_checkpoint)
 from src.utils.io import UserInputError, run_cli, setup_logging
 
 log = logging.getLogger("hpa.train")
@@ -50,6 +54,8 @@ def build_parser(description: str, select_by: dict[str, tuple[str, str]], select
     p.add_argument("--dataset", default="input/synthetic", help="dataset folder (train.csv, folds.csv, train/, cache_*)")
     p.add_argument("--output", "--output-dir", dest="output", default="output", help="output root; models go to {output}/models/{out_dir}/fold{N}")
     p.add_argument("--public-data", action="store_true", help="also train/validate on public.csv images")
+    p.add_argument("--without-public-data", dest="public_data", action="store_false",
+                   help="train.csv images only (the default; the reference's flag)")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--img_size", "--img-size", dest="img_size", type=int, default=1024)
     p.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=8, help="per process")
@@ -64,14 +70,20 @@ def build_parser(description: str, select_by: dict[str, tuple[str, str]], select
     p.add_argument("--out_dir", "--out-dir", dest="out_dir", default=None, help="run name (default from the flags)")
     p.add_argument("--eval-at-start", action="store_true", help="evaluate before training (row epoch 0)")
     p.add_argument("--load-state-dict-path", default=None, help="initial weights (any supported checkpoint)")
+    p.add_argument("--non-strict", action="store_true",
+                   help="load what fits from the initial weights instead of stopping at a checkpoint that "
+                        "does not fit --arch")
     p.add_argument("--init-weights", default="auto",
                    help=f"when no --load-state-dict-path: 'auto' ({DEFAULT_PREVIOUS_MODEL} if present, for "
-                        "densenet121), 'none', or a path")
+                        "densenet121[_large]), 'none', or a path")
     p.add_argument("--loss", choices=sorted(LOSSES), default="FocalSymmetricLovaszHardLogLoss")
     p.add_argument("--gpu-id", type=int, default=0, help="CUDA device when not under torchrun")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--arch", choices=sorted(ARCHS), default="densenet121")
-    p.add_argument("--in-channels", type=int, default=4, help="input channels, RGBY order (3 = RGB)")
+    p.add_argument("--arch", type=arch_name, choices=sorted(ARCHS), default="densenet121_large",
+                   help="densenet121_large: the 2018 checkpoint's network (the reference's "
+                        "class_densenet121_large_dropout, also accepted)")
+    p.add_argument("--in-channels", "--in_channels", dest="in_channels", type=int, default=4,
+                   help="input channels, RGBY order (3 = RGB)")
     p.add_argument("--head", choices=("dropout", "plain"), default="dropout")
     p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--embedding-dim", type=int, default=None, help="hidden width of the head (default: features)")
@@ -86,7 +98,9 @@ def build_parser(description: str, select_by: dict[str, tuple[str, str]], select
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="torch deterministic algorithms")
-    p.add_argument("--resume", action="store_true", help="continue from last.pth of this run if present")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="alone: continue from this run's last.pth if present; with PATH: from that training "
+                        "state (a bare file name is looked up in the run's folder)")
     p.add_argument("--checkpoint-every-steps", type=int, default=None,
                    help="write last.pth every this many optimizer steps (default: about every 200 batches)")
     p.add_argument("--stop-after-steps", type=int, default=None, help="stop after this optimizer step (tests)")
@@ -133,7 +147,7 @@ def initial_weights_path(args: argparse.Namespace) -> Path | None:
     if args.init_weights == "none":
         return None
     if args.init_weights == "auto":
-        if args.arch == "densenet121" and DEFAULT_PREVIOUS_MODEL.is_file():
+        if args.arch in ("densenet121_large", "densenet121") and DEFAULT_PREVIOUS_MODEL.is_file():
             return DEFAULT_PREVIOUS_MODEL
         log.warning("no initial weights (put the previous-competition model at %s or pass "
                     "--load-state-dict-path): training from random initialisation", DEFAULT_PREVIOUS_MODEL)
@@ -157,6 +171,8 @@ def run_main(args: argparse.Namespace, train_fn: Callable[[argparse.Namespace, t
     except TrainingInterrupted as stop:
         log.warning("%s; continue with --resume", stop)
         return INTERRUPTED_EXIT_CODE
+    except SampleReadError as error:
+        raise SampleReadError(f"{error}; fix or remove it, then continue with --resume") from None
     finally:
         cleanup_distributed()
 
@@ -177,17 +193,39 @@ def train(args: argparse.Namespace, device: torch.device, dist_info) -> int:
                         *SELECT_BY[args.select_by])
 
 
+def resume_source(args: argparse.Namespace) -> Path | None:
+    """The training state to resume from. `--resume` alone: this run's last.pth, None when there is none
+    yet; `--resume PATH`: that file, a bare name looked up in the run's folder (as the reference did)."""
+    if not args.resume:
+        return None
+    run_dir = OutputLayout(args.output).model_dir(args.out_dir, args.fold)
+    if args.resume is True:
+        if (run_dir / "last.pth").is_file():
+            return run_dir / "last.pth"
+        log.info("--resume: no %s yet, starting a new run", run_dir / "last.pth")
+        return None
+    path = Path(args.resume)
+    if not path.is_file() and path.name == str(path):
+        path = run_dir / path
+    if not path.is_file():
+        raise UserInputError(f"--resume {args.resume}: no such file (also looked in {run_dir})")
+    return path
+
+
 def prepare_run(args: argparse.Namespace, device: torch.device) -> None:
-    """Resume bookkeeping (run-defining settings come from last.pth) and seeds; shared with train_cellwise."""
-    last_path = OutputLayout(args.output).model_dir(args.out_dir, args.fold) / "last.pth"
-    resuming = args.resume and last_path.is_file()
-    if args.resume and not resuming:
-        log.info("--resume: no %s yet, starting a new run", last_path)
-    if resuming:
-        saved_args = (read_checkpoint(last_path).get("metadata") or {}).get("args", {})
+    """Resume bookkeeping (run-defining settings come from the resumed state) and seeds; shared with
+    train_cellwise. Sets `args.resume_from` (str or None)."""
+    source = resume_source(args)
+    args.resume_from = str(source) if source else None
+    if source:
+        checkpoint = read_checkpoint(source)
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != TRAIN_CHECKPOINT_FORMAT:
+            raise UserInputError(f"--resume {source}: not a training state (last.pth); to start from a model's "
+                                 "weights use --load-state-dict-path")
+        saved_args = (checkpoint.get("metadata") or {}).get("args", {})
         for name in RESUME_FIXED:
             if name in saved_args and saved_args[name] != getattr(args, name):
-                log.warning("resume: --%s %s from last.pth (command line said %s)", name, saved_args[name],
+                log.warning("resume: --%s %s from %s (command line said %s)", name, saved_args[name], source.name,
                             getattr(args, name))
                 setattr(args, name, saved_args[name])
     if args.deterministic:
@@ -205,8 +243,7 @@ def run_training(args: argparse.Namespace, device: torch.device, dist_info, trai
     """Model, loaders, optimizer and schedule from the flags, then `fit`; shared with train_cellwise.
     Datasets yield (image, target, index) for keys (index, epoch)."""
     out_dir = OutputLayout(args.output).model_dir(args.out_dir, args.fold)
-    last_path = out_dir / "last.pth"
-    resuming = args.resume and last_path.is_file()
+    resuming = args.resume_from is not None
     world, rank_ = dist_info.world_size, dist_info.rank
     pin = device.type == "cuda"
     train_sampler = ResumableDistributedSampler(train_set, world, rank_, True, args.seed)
@@ -222,7 +259,7 @@ def run_training(args: argparse.Namespace, device: torch.device, dist_info, trai
     if weights is not None:
         if not weights.is_file():
             raise UserInputError(f"{weights}: initial weights not found")
-        load_weights(model, weights)
+        load_weights(model, weights, strict=not args.non_strict)
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model_config = model.config()
@@ -245,8 +282,8 @@ def run_training(args: argparse.Namespace, device: torch.device, dist_info, trai
         metadata={"args": vars(args), "model_config": model_config, "world_size": world})
     state = None
     if resuming:
-        state = load_training_checkpoint(last_path, model, optimizer, scaler)
-        log.info("resumed from %s: epoch %d, micro-batch %d, step %d", last_path, state.epoch,
+        state = load_training_checkpoint(Path(args.resume_from), model, optimizer, scaler)
+        log.info("resumed from %s: epoch %d, micro-batch %d, step %d", args.resume_from, state.epoch,
                  state.micro_batch, state.step)
     else:
         torch.manual_seed(args.seed * 1000 + rank_ + 1)  # own dropout stream per rank

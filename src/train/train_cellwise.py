@@ -9,7 +9,8 @@ full resolution with other cells zeroed, thin crops tiled along the short side, 
 resized to --img_size, dihedral augmentation. Targets: the pseudo-label HDF5 probabilities, with the
 cells of each --selection CSV (`ID,cell_i`, class from the file name or --selection-class) set to 1.
 Validation: focal loss, accuracy in 0.05-wide bins and mAP with targets >= 0.5 as positives.
-All other flags as in src.train.train_bestfitting.
+Default schedule Adam20WarmUP, as the reference's train_cellwise. All other flags as in
+src.train.train_bestfitting.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from src.data.schema import DatasetLayout, OutputLayout
 from src.predict import pseudo_label_store as store
 from src.predict.cell_inputs import cellwise_input
 from src.train import train_bestfitting as image_level
-from src.train.datasets import dihedral, dihedral_index, read_folds
+from src.train.datasets import SAMPLE_READ_ERRORS, SampleReadError, dihedral, dihedral_index, read_folds
 from src.train.metrics import image_level_metrics
 from src.utils.io import UserInputError, run_cli
 
@@ -114,8 +115,13 @@ class CellDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        record = self._record(self.sources[index], self.ids[index])
-        field = load_full_resolution(self.layout, self.sources[index], self.ids[index], record.image_shape, mmap=True)
+        try:
+            record = self._record(self.sources[index], self.ids[index])
+            field = load_full_resolution(self.layout, self.sources[index], self.ids[index], record.image_shape,
+                                         mmap=True)
+        except SAMPLE_READ_ERRORS as error:
+            raise SampleReadError(f"{self.sources[index]} image {self.ids[index]} (cell {self.cell_i[index]}): "
+                                  f"{error}") from None
         image = cellwise_input(masked_crop(field, record, self.cell_i[index]), self.img_size)[..., :self.in_channels]
         if self.augment:
             image = dihedral(image, dihedral_index(self.seed, epoch, index))
@@ -145,7 +151,7 @@ def read_selections(paths: list[str], classes: list[str] | None) -> list[tuple[i
 def parse_args(argv=None):
     parser = image_level.build_parser(__doc__, SELECT_BY, "binned-accuracy")
     parser.set_defaults(img_size=512, batch_size=32, gradient_accumulation_steps=4, epochs=5,
-                        loss="FocalSymmetricHardLogLoss")
+                        loss="FocalSymmetricHardLogLoss", scheduler="Adam20WarmUP")
     parser.add_argument("--cell-level-labels-path", default=None,
                         help="pseudo-label HDF5 (default: {output}/pseudo_labels.h5)")
     parser.add_argument("--selection", action="append", default=[], help="selection CSV (ID,cell_i); repeatable")

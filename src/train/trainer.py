@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from src.train.datasets import micro_batch_sizes
 from src.train.distributed import all_gather_objects, broadcast_buffers, rank, unwrap, world_size
+from src.train.models import CheckpointError, read_checkpoint
 from src.utils.io import atomic_path, write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -252,9 +253,9 @@ def save_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.opti
 def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                              scaler: torch.amp.GradScaler | None = None) -> TrainState:
     """Restore model, optimizer, scaler and this rank's RNG from `last.pth`; returns the trainer state."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("format") != TRAIN_CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a training-state checkpoint")
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != TRAIN_CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a training-state checkpoint")
     unwrap(model).load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scaler is not None and checkpoint.get("scaler"):
