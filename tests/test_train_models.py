@@ -9,8 +9,8 @@ import torch
 from torchvision.models import DenseNet
 
 from src.data.classes import CLASS_INDEX, CLASS_NAMES
-from src.train.models import (ARCHS, PREVIOUS_COMPETITION_CLASSES, DenseNetClassifier, adapt_input_conv,
-                              build_model, load_model_checkpoint, load_weights)
+from src.train.models import (ARCHS, PREVIOUS_COMPETITION_CLASSES, CheckpointError, DenseNetClassifier,
+                              adapt_input_conv, build_model, load_model_checkpoint, load_weights)
 from src.train.trainer import TrainerConfig, save_model_checkpoint
 
 
@@ -103,9 +103,11 @@ def test_previous_competition_checkpoint_class_rows_by_name(arch: str, tmp_path:
     assert torch.equal(model.logit.weight[CLASS_INDEX["Cytosol"]], theirs[25])
     assert torch.equal(model.logit.weight[CLASS_INDEX["Aggresome"]], theirs[24])
     assert torch.equal(model.logit.bias[CLASS_INDEX["Centrosome"]], previous.logit.bias[19])
-    for new_class in ("Vesicles and punctate cytosolic patterns", "Negative"):
-        assert torch.equal(model.logit.weight[CLASS_INDEX[new_class]], fresh_logit[CLASS_INDEX[new_class]])
-    assert len(report.class_rows) == len(CLASS_NAMES) - 2
+    # classes new in 2021 are filled as the reference fills them: from 2018 rows 26 and 27
+    assert torch.equal(model.logit.weight[CLASS_INDEX["Vesicles and punctate cytosolic patterns"]], theirs[26])
+    assert torch.equal(model.logit.bias[CLASS_INDEX["Negative"]], previous.logit.bias[27])
+    assert not torch.equal(model.logit.weight[CLASS_INDEX["Negative"]], fresh_logit[CLASS_INDEX["Negative"]])
+    assert len(report.class_rows) == len(CLASS_NAMES)
     assert torch.equal(model.fc1.weight, previous.fc1.weight)
     assert torch.equal(model.bn2.running_var, previous.bn2.running_var)
     assert torch.equal(model.backbone.features.conv0.weight, previous.backbone.features.conv0.weight)
@@ -131,5 +133,8 @@ def test_plain_head_checkpoint_does_not_fill_dropout_head_logit() -> None:
     plain = DenseNetClassifier("densenet_tiny", head="plain")
     model = build_model("densenet_tiny", embedding_dim=plain.num_features)
     before = model.logit.weight.clone()
-    report = load_weights(model, plain.state_dict())
+    with pytest.raises(CheckpointError, match="does not fit --arch densenet_tiny --head dropout: missing 12"):
+        load_weights(model, plain.state_dict())
+    assert torch.equal(model.logit.weight, before)
+    report = load_weights(model, plain.state_dict(), strict=False)
     assert torch.equal(model.logit.weight, before) and "logit.weight" in report.skipped_shape

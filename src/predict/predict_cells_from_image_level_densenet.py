@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", default="output")
     parser.add_argument("--run-name", required=True, help="image-level run: models under {output}/models/{run-name}/fold{K}")
     parser.add_argument("--checkpoint", default="best.pth", help="checkpoint file name in each fold folder")
-    parser.add_argument("--img-size", type=int, default=1024, help="the image-level model's input side (px)")
+    parser.add_argument("--img-size", "--img_size", dest="img_size", type=int, default=1024,
+                        help="the image-level model's input side (px)")
     parser.add_argument("--public-data", action="store_true", help="also pseudo-label public images")
     parser.add_argument("--tta", default=",".join(TTA_VIEWS), help=f"comma-separated views of {TTA_VIEWS}")
     parser.add_argument("--batch-size", type=int, default=32, help="cells per forward pass")
@@ -148,12 +149,18 @@ def main(argv=None) -> int:
     parser.add_argument("--cells-per-part", type=int, default=2048, help="cells per part file (resume granularity)")
     parser.add_argument("--fold-single", type=int, default=None, help="only images of this fold (its model only)")
     parser.add_argument("--shard", default=None, help="i/N: this process handles every N-th image (default: torchrun rank)")
+    parser.add_argument("--fold-one-fifth-number", type=int, choices=range(5), default=None,
+                        help="the reference's name for --shard K/5 (one fifth of the images; strided, not contiguous)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     parser.add_argument("--out", default=None, help="final HDF5 (default: {output}/pseudo_labels.h5)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.fold_one_fifth_number is not None:
+        if args.shard is not None:
+            raise UserInputError("give --shard or --fold-one-fifth-number, not both")
+        args.shard = f"{args.fold_one_fifth_number}/5"
     layout, outputs = DatasetLayout(args.dataset), OutputLayout(args.output_dir)
     views = tuple(v.strip() for v in args.tta.split(",") if v.strip())
     if not views or set(views) - set(TTA_VIEWS):

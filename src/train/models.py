@@ -237,10 +237,12 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
 def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     """Unwrap {'model'|'state_dict'|...: {...}} nesting and strip 'module.'/'_orig_mod.' prefixes."""
     obj = checkpoint
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+    while isinstance(obj, Mapping):  # a wrapper may hold loose tensors too (the 2018 file's best_score)
         inner = next((obj[key] for key in _WRAPPER_KEYS if isinstance(obj.get(key), Mapping)), None)
         if inner is None:
-            raise CheckpointError(f"no state dict found in checkpoint (keys: {list(obj)[:10]})")
+            if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise CheckpointError(f"no state dict found in checkpoint (keys: {list(obj)[:10]})")
+            break
         obj = inner
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
@@ -298,7 +300,7 @@ def load_weights(model: DenseNetClassifier, source: str | Path | Mapping[str, An
     state, kind = _to_our_names(extract_state_dict(checkpoint))
     report = LoadReport(source_format=kind)
     own = model.state_dict()
-    has_hidden = "fc1.weight" in state
+    has_hidden = any(key.startswith(("bn1.", "fc1.", "bn2.")) for key in state)
     mapped: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key not in own:
