@@ -6,7 +6,7 @@
 #
 # Settings (environment variables):
 #   DATASET=input/synthetic OUTPUT=output FOLDS="0 1 2 3 4" IMG_SIZE=1024 BATCH_SIZE=8 WORKERS=16 EPOCHS=10
-#   ARCH=densenet121 PYTHON=python EXTRA_ARGS="" (appended to both passes, e.g. "--public-data")
+#   ARCH=densenet121_large PYTHON=python EXTRA_ARGS="" (appended to both passes, e.g. "--public-data")
 #   GPU_IDS="0"     one fold after the other on GPU 0; with several ids ("0 1 2 3 4") the folds run in
 #                   parallel, fold i on the i-th id (round robin), like the reference's five GPUs.
 #   NPROC=1         GPUs per fold through torchrun (DDP). The accumulation steps are divided by NPROC so
@@ -24,7 +24,7 @@ IMG_SIZE=${IMG_SIZE:-1024}
 BATCH_SIZE=${BATCH_SIZE:-8}
 WORKERS=${WORKERS:-16}
 EPOCHS=${EPOCHS:-10}
-ARCH=${ARCH:-densenet121}
+ARCH=${ARCH:-densenet121_large}
 PYTHON=${PYTHON:-python}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 GPU_IDS=${GPU_IDS:-0}

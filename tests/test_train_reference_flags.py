@@ -37,7 +37,8 @@ def test_alias_values_and_defaults() -> None:
     assert parse(["--without-public-data", "--public-data"]).public_data is True
     assert parse(["--in_channels", "3"]).in_channels == 3
     assert parse([]).resume is None and parse(["--resume"]).resume is True
-    assert parse(["--resume", "--fold", "2"]).resume is True and parse(["--resume", "a/last.pth"]).resume == "a/last.pth"
+    assert parse(["--resume", "--fold", "2"]).resume is True
+    assert parse(["--resume", "a/last.pth"]).resume == "a/last.pth"
     with pytest.raises(SystemExit):
         parse(["--arch", "class_densenet121_tiny"])
 
