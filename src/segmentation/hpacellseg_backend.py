@@ -79,13 +79,15 @@ class HpaCellSegSegmenter:
 
     def segment_batch(self, fields: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(nuclei, cells) full-resolution uint16 label masks per field."""
-        results = []
-        for field, (nuclei_pred, cell_pred) in zip(fields, self.predict_maps(fields)):
-            sizes = PACKAGE_SIZES.scaled(max(field.shape[:2]) / PACKAGE_FIELD_SIZE)
-            nuclei, cells = label_cells_from_maps(nuclei_pred, cell_pred, sizes)
-            nuclei = drop_small_relative(nuclei, self.min_nucleus_fraction)
-            results.append(finish_masks(nuclei, cells, field.shape[:2], self.min_border_cell_fraction))
-        return results
+        return [self.label_maps(nuclei_pred, cell_pred)
+                for nuclei_pred, cell_pred in self.predict_maps(fields)]
+
+    def label_maps(self, nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One field's prediction maps -> (nuclei, cells): label_cell, then our clean-up."""
+        shape = nuclei_pred.shape[:2]
+        nuclei, cells = label_cells_from_maps(nuclei_pred, cell_pred, PACKAGE_SIZES.scaled(max(shape) / PACKAGE_FIELD_SIZE))
+        nuclei = drop_small_relative(nuclei, self.min_nucleus_fraction)
+        return finish_masks(nuclei, cells, shape, self.min_border_cell_fraction)
 
 
 def _as_uint8_rgby(field: np.ndarray) -> np.ndarray:
