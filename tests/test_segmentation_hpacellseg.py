@@ -16,7 +16,7 @@ import torch
 from src.data.bbox_records import read_record
 from src.preprocessing import generate_cell_bboxes as cli
 from src.segmentation import make_segmenter
-from src.segmentation.hpa_labels import LabelSizes, label_cells_from_maps
+from src.segmentation.hpa_labels import LabelSizes, fill_holes, label_cells_from_maps, thick_boundaries
 from src.segmentation.hpa_models import (NORMALISE_FACTOR, NORMALISE_MEAN, HpaModelError, load_model, predict,
                                          rescale_planes)
 from src.segmentation.hpa_stand_in import StandInUNet, cell_stand_in, nuclei_stand_in, save_torchscript
@@ -128,6 +128,18 @@ def test_batched_equals_one_field_at_a_time(model_files):
             one_nuclei, one_cells = single.segment(field)
             assert np.array_equal(nuclei, one_nuclei) and np.array_equal(cells, one_cells)
     assert masks[3][1].shape == (200, 256) and masks[3][1].max() == 3  # padded to multiples of 32 and back
+
+
+def test_fast_boundaries_and_hole_filling_equal_the_library_versions():
+    from scipy import ndimage as ndi
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        labels = ndi.label(ndi.gaussian_filter(rng.random((64, 80)), 2) > 0.5)[0]
+        labels[rng.random(labels.shape) < 0.05] = 0  # pinholes
+        assert np.array_equal(thick_boundaries(labels), find_boundaries(labels, connectivity=1, mode="thick"))
+        assert np.array_equal(fill_holes(labels > 0), ndi.binary_fill_holes(labels > 0))
 
 
 SMALL = LabelSizes(nucleus_seed_min=20, nucleus_hole_max=40, nucleus_speck_min=2, nucleus_min=50, cell_min=300,

@@ -26,9 +26,11 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.measure import label as label_components
-from skimage.segmentation import find_boundaries, watershed
+from skimage.segmentation import watershed
 
 FOUR_CONNECTED = ndi.generate_binary_structure(2, 1)
+CROSS = FOUR_CONNECTED.astype(np.uint8)
+PROBABILITIES = np.arange(256) / 255.0  # what each uint8 map value means, as the package computes it
 
 
 @dataclass(frozen=True)
@@ -86,21 +88,40 @@ def disk(radius: float) -> np.ndarray:
     return (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius ** 2).astype(np.uint8)
 
 
+def thick_boundaries(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose 4-neighbourhood holds another label or background (scikit-image's
+    find_boundaries, connectivity 1, mode 'thick'), with cv2's max/min filters."""
+    values = labels.astype(np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.float32)
+    return cv2.dilate(values, CROSS) != cv2.erode(values, CROSS)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` with every background region that is not 4-connected to the image edge filled
+    (scipy's binary_fill_holes with its default structure)."""
+    background, count = ndi.label(~mask, structure=FOUR_CONNECTED)
+    reaches_edge = np.zeros(count + 1, dtype=bool)
+    reaches_edge[0] = True  # id 0: the mask itself
+    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+        reaches_edge[edge] = True
+    return mask | ~reaches_edge[background]
+
+
 def separate_and_fill(labels: np.ndarray) -> np.ndarray:
     """Erase the thick boundaries of the labels (so touching objects come apart), fill holes in
     the remaining foreground, and number its 4-connected components 1..n."""
-    kept = (labels > 0) & ~find_boundaries(labels, connectivity=1, mode="thick")
-    return ndi.label(ndi.binary_fill_holes(kept), structure=FOUR_CONNECTED)[0]
+    kept = (labels > 0) & ~thick_boundaries(labels)
+    return ndi.label(fill_holes(kept), structure=FOUR_CONNECTED)[0]
 
 
 def label_nuclei_from_maps(nuclei_pred: np.ndarray, cell_pred: np.ndarray, sizes: LabelSizes) -> np.ndarray:
     """The nuclei of label_cell (before they are paired with cells); int labels."""
-    interior = nuclei_pred[..., 2] / 255.0
+    interior = nuclei_pred[..., 2]
     # The package adds the two uint8 border maps in uint8, so a sum over 255 wraps around; kept.
     border_sum = nuclei_pred[..., 1] + cell_pred[..., 1]
-    away_from_borders = (1.0 - border_sum / 255.0) > 0.05
-    seeds = drop_small_components(interior * away_from_borders > 0.4 - 0.25, sizes.nucleus_seed_min)
-    mask = fill_small_holes(interior > 0.4, sizes.nucleus_hole_max)
+    away_from_borders = ((1.0 - PROBABILITIES) > 0.05)[border_sum]
+    seeds = (PROBABILITIES > 0.4 - 0.25)[interior] & away_from_borders
+    seeds = drop_small_components(seeds, sizes.nucleus_seed_min)
+    mask = fill_small_holes((PROBABILITIES > 0.4)[interior], sizes.nucleus_hole_max)
     mask = drop_small_components(mask, sizes.nucleus_speck_min)
     markers = ndi.label(seeds, structure=FOUR_CONNECTED)[0]
     nuclei = watershed(mask.astype(np.uint8), markers, mask=mask, watershed_line=True)
@@ -121,7 +142,7 @@ def label_cells_from_maps(nuclei_pred: np.ndarray, cell_pred: np.ndarray,
     # The package also means to exclude cell-border pixels from this mask and to clip the landscape
     # at the threshold, but both of its expressions leave their input unchanged (np.invert of an int8
     # 0/1 array is -1/-2, both true; np.clip(a, low, a) is a); we do what it does.
-    region = interior / 255.0 > threshold
+    region = (PROBABILITIES > threshold)[interior]
     landscape = -interior.astype(np.float64)
     cells = watershed(landscape, nuclei, mask=region)
     # The package casts the labels to uint8 here (labels above 255 wrap around); kept.
@@ -130,7 +151,7 @@ def label_cells_from_maps(nuclei_pred: np.ndarray, cell_pred: np.ndarray,
     if footprint.size > 1:
         cells = cv2.morphologyEx(cells, cv2.MORPH_CLOSE, footprint)  # grey closing of the label values
     cells = separate_and_fill(cells)
-    grown_region = (cells > 0) | (cell_pred[..., 1] / 255.0 > 0.05)
+    grown_region = (cells > 0) | (PROBABILITIES > 0.05)[cell_pred[..., 1]]
     cells = separate_and_fill(watershed(landscape, cells, mask=grown_region))
     cells = label_components(drop_small_labels(label_components(cells > 0), sizes.cell_min)).astype(np.uint16)
     nucleus_parts = label_components((cells > 0) & (nuclei > 0))
