@@ -67,3 +67,13 @@ def test_a_colour_picture_is_refused_with_one_line(small_synthetic, tmp_path, ca
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1
     assert lines[0].startswith(f"error: reference mask {references / image_id}.png is a colour image")
+
+
+def test_a_wrong_model_file_is_one_line(small_synthetic, tmp_path, capsys):
+    text = tmp_path / "model.pth"
+    text.write_text("not a model\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(report.main, ["--dataset", str(small_synthetic.root), "--output-dir", str(tmp_path), "--backend",
+                              "hpacellseg", "--nuclei-model", str(text), "--cell-model", str(text)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines == [lines[0]] and lines[0].startswith(f"error: nuclei model {text}")

@@ -124,8 +124,11 @@ def main(argv=None) -> int:
         raise UserInputError(f"reference mask folder {reference_dir} not found")
     ids = args.ids or source_image_ids(layout, args.source)
     ids = ids[:args.limit]
-    segmenter = None if args.from_records else make_segmenter(
-        args.backend, work_size=args.work_size, nuclei_model=args.nuclei_model, cell_model=args.cell_model)
+    try:
+        segmenter = None if args.from_records else make_segmenter(
+            args.backend, work_size=args.work_size, nuclei_model=args.nuclei_model, cell_model=args.cell_model)
+    except (RuntimeError, ValueError) as error:  # a missing or wrong model file
+        raise UserInputError(str(error)) from None
     out_dir = OutputLayout(args.output_dir).root / "segmentation_report" / args.source
     rows, failures = [], 0
     for image_id in ids:
