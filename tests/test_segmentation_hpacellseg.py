@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,61 @@ def _maps(shape, nucleus_discs, cell_interior, nucleus_border=None, cell_border=
     if cell_border is not None:
         cell_pred[..., 1] = cell_border
     return nuclei_pred, cell_pred
+
+
+def _label_cell_by_library_calls(nuclei_pred, cell_pred, sizes):
+    """A slow reference: the package's label_cell step by step with scikit-image / scipy calls of
+    today's API (max_size = the package's min_size - 1), float maps as the package computes them."""
+    from scipy import ndimage as ndi
+    from skimage import filters, measure, morphology, segmentation
+
+    def fill(labels):
+        labels = labels * ~segmentation.find_boundaries(labels)
+        return ndi.label(ndi.binary_fill_holes(labels > 0))[0]
+
+    def small(labels, size):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Only one label")
+            return morphology.remove_small_objects(labels, max_size=int(size) - 1)
+
+    interior = nuclei_pred[..., 2] / 255.0
+    away = 1 - (nuclei_pred[..., 1] + cell_pred[..., 1]) / 255.0 > 0.05
+    seeds = small(interior * away > 0.4 - 0.25, sizes.nucleus_seed_min)
+    mask = morphology.remove_small_holes(interior > 0.4, max_size=int(sizes.nucleus_hole_max) - 1)
+    mask = small(mask, sizes.nucleus_speck_min)
+    nuclei = segmentation.watershed(mask.astype(np.uint8), ndi.label(seeds)[0], mask=mask, watershed_line=True)
+    nuclei = measure.label(small(nuclei, sizes.nucleus_min))
+    cell = cell_pred[..., 2] / 255.0
+    threshold = max(0.22, filters.threshold_otsu(cell) * 0.5)
+    landscape = -cell_pred[..., 2].astype(float)
+    cells = segmentation.watershed(landscape, nuclei, mask=cell > threshold)
+    cells = small(cells, sizes.cell_min).astype(np.uint8)
+    cells = fill(morphology.closing(cells, morphology.disk(int(sizes.closing_radius))))
+    cells = fill(segmentation.watershed(landscape, cells, mask=(cells > 0) | (cell_pred[..., 1] / 255.0 > 0.05)))
+    cells = measure.label(small(measure.label(cells > 0), sizes.cell_min)).astype(np.uint16)
+    nuclei = small(measure.label((cells > 0) & (nuclei > 0)), sizes.nucleus_min)
+    return cells * (nuclei > 0), cells
+
+
+def test_label_cell_equals_the_library_call_reference_on_random_maps():
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(5)
+    sizes = LabelSizes(nucleus_seed_min=15, nucleus_hole_max=30, nucleus_speck_min=3, nucleus_min=40, cell_min=150,
+                       closing_radius=2)
+    for _ in range(4):
+        maps = []
+        for sigma, offsets in ((4, (0, -2, 0)), (6, (0, -1.5, 1))):  # smooth random logits per channel
+            logits = ndi.gaussian_filter(rng.standard_normal((3, 128, 144)), (0, sigma, sigma))
+            logits = logits / logits.std(axis=(1, 2), keepdims=True) * 3 + np.array(offsets)[:, None, None]
+            probabilities = np.exp(logits) / np.exp(logits).sum(axis=0)
+            prediction = np.rint(probabilities.transpose(1, 2, 0) * 255).astype(np.uint8)
+            prediction[..., 0] = 0
+            maps.append(prediction)
+        ours = label_cells_from_maps(*maps, sizes)
+        reference = _label_cell_by_library_calls(*maps, sizes)
+        assert ours[1].max() >= 5
+        assert np.array_equal(ours[0], reference[0]) and np.array_equal(ours[1], reference[1])
 
 
 def test_touching_cells_split_along_the_dim_valley():
