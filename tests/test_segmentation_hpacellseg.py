@@ -83,6 +83,9 @@ def test_stand_ins_end_to_end(model_files):
         assert (cells == label)[_disc(cells.shape, centre, 42)].all()
         assert not (cells == label)[~_disc(cells.shape, centre, 45)].any()
     assert cells[215, 35] == 0 and cells[128, 3] == 0  # debris nucleus below the size cut; border sliver
+    mixed = make_segmenter("hpacellseg", nuclei_model=model_files["nuclei"], cell_model=model_files["cell"],
+                           device="cpu", amp=True)  # autocast (bfloat16 on CPU): the same cells here
+    assert np.array_equal(mixed.segment(_field())[1], cells)
 
 
 def test_rescale_matches_scikit_image():
