@@ -331,3 +331,25 @@ def test_cli_stops_at_once_on_a_wrong_model_file(small_synthetic, model_files, t
 def test_classical_backend_applies_the_same_fixes():
     _, cells = make_segmenter("classical").segment(_field())
     assert cells.max() == 3 and cells[215, 35] == 0 and cells[128, 3] == 0
+
+
+class _FailsOnBlankFields:
+    """A batching segmenter whose batch fails when one of its fields is blank."""
+
+    name = "fake"
+
+    def segment(self, field):
+        if not field.any():
+            raise ValueError("blank field")
+        return field[..., 2], field[..., 0]
+
+    def segment_batch(self, fields):
+        return [self.segment(field) for field in fields]
+
+
+def test_a_failing_batch_is_redone_field_by_field(monkeypatch):
+    monkeypatch.setitem(cli._worker, "segmenter", _FailsOnBlankFields())
+    fields = [_field(), np.zeros((256, 256, 4), np.uint8), _field(shift=4)]
+    results = cli._segment_fields(fields)
+    assert isinstance(results[1], ValueError)
+    assert np.array_equal(results[0][1], fields[0][..., 0]) and np.array_equal(results[2][1], fields[2][..., 0])

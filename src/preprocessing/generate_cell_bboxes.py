@@ -61,7 +61,7 @@ def _init_worker(segmenter_config: dict, image_dir: str, out_dir: str, single_th
 
 
 def _error_text(error: Exception) -> str:
-    log.debug("segmentation failed:\n%s", traceback.format_exc())
+    log.debug("segmentation failed:\n%s", "".join(traceback.format_exception(error)))
     return f"{type(error).__name__}: {error}"
 
 
