@@ -133,6 +133,10 @@ def main(argv=None) -> int:
                   image_dir=str(layout.image_dir(source)), top_k=args.top_k,
                   segmenter_config=dict(backend=args.backend, work_size=args.work_size,
                                         nuclei_model=args.nuclei_model, cell_model=args.cell_model))
+    try:
+        make_segmenter(**config["segmenter_config"])  # a missing or wrong model file stops the run here
+    except (RuntimeError, ValueError) as error:
+        raise UserInputError(str(error)) from None
     cell_rows, image_rows, failures = [], [], []
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(config,)) as pool:

@@ -6,6 +6,10 @@
     python -m src.preprocessing.generate_cell_bboxes --backend hpacellseg \\
         --nuclei-model models/dpn_unet_nuclei_v1.pth --cell-model models/dpn_unet_cell_3ch_v1.pth
 
+The hpacellseg backend loads the two published HPA U-Nets (TorchScript files) and runs one tiny
+forward pass before any field, so a wrong file stops the run at once; it segments `--batch-size`
+fields per forward pass, on CUDA when present.
+
 Writes `{output}/bboxes/{source}/{ID}.npz`, then `cells.csv` (one row per cell of every record).
 Resumable: images with a record are skipped, and a record only ever appears complete (temporary
 file + rename), so a killed run is finished by running the same command again. Images that
@@ -46,32 +50,64 @@ EXIT_WORKER_DIED = 3
 _worker: dict = {}
 
 
-def _init_worker(segmenter_config: dict, image_dir: str, out_dir: str, single_thread: bool) -> None:
+def _init_worker(segmenter_config: dict, image_dir: str, out_dir: str, single_thread: bool,
+                 segmenter=None) -> None:
     if single_thread:
         import cv2
 
         cv2.setNumThreads(1)
-    _worker.update(segmenter=make_segmenter(**segmenter_config), image_dir=image_dir, out_dir=out_dir,
+    _worker.update(segmenter=segmenter or make_segmenter(**segmenter_config), image_dir=image_dir, out_dir=out_dir,
                    written=0, crash_after=int(os.environ.get(CRASH_ENV, "0") or 0))
 
 
-def _segment_one(image_id: str) -> tuple[str, int, str | None]:
-    """Read, segment and store one field; returns (ID, number of cells, error or None)."""
-    try:
-        field = read_field(_worker["image_dir"], image_id)
-        _, cells = _worker["segmenter"].segment(field)
-        record = build_record(image_id, cells, backend=_worker["segmenter"].name)
-        path = Path(_worker["out_dir"]) / f"{image_id}{RECORD_SUFFIX}"
-        _worker["written"] += 1
-        if _worker["crash_after"] and _worker["written"] >= _worker["crash_after"]:
-            _die_while_writing(path)
-        write_record(path, record)
-        return image_id, record.n_cells, None
-    except ImageReadError as error:
-        return image_id, 0, str(error)
-    except Exception as error:  # a field that breaks segmentation must not stop the run
-        log.debug("segmentation of %s failed:\n%s", image_id, traceback.format_exc())
-        return image_id, 0, f"{type(error).__name__}: {error}"
+def _error_text(error: Exception) -> str:
+    log.debug("segmentation failed:\n%s", "".join(traceback.format_exception(error)))
+    return f"{type(error).__name__}: {error}"
+
+
+def _segment_fields(fields: list) -> list:
+    """(nuclei, cells) or an exception per field; several fields per call when the backend batches.
+    A batch that fails is redone one field at a time, so only the field at fault fails."""
+    segmenter = _worker["segmenter"]
+    if len(fields) > 1 and hasattr(segmenter, "segment_batch"):
+        try:
+            return segmenter.segment_batch(fields)
+        except Exception:  # found again below, field by field
+            pass
+    results = []
+    for field in fields:
+        try:
+            results.append(segmenter.segment(field))
+        except Exception as error:  # a field that breaks segmentation must not stop the run
+            results.append(error)
+    return results
+
+
+def _segment_chunk(image_ids: list[str]) -> list[tuple[str, int, str | None]]:
+    """Read, segment and store some fields; per field (ID, number of cells, error or None)."""
+    outcome: dict[str, tuple[str, int, str | None]] = {}
+    readable = []
+    for image_id in image_ids:
+        try:
+            readable.append((image_id, read_field(_worker["image_dir"], image_id)))
+        except ImageReadError as error:
+            outcome[image_id] = (image_id, 0, str(error))
+    segmented = _segment_fields([field for _, field in readable])
+    for (image_id, _), result in zip(readable, segmented):
+        if isinstance(result, Exception):
+            outcome[image_id] = (image_id, 0, _error_text(result))
+            continue
+        try:
+            record = build_record(image_id, result[1], backend=_worker["segmenter"].name)
+            path = Path(_worker["out_dir"]) / f"{image_id}{RECORD_SUFFIX}"
+            _worker["written"] += 1
+            if _worker["crash_after"] and _worker["written"] >= _worker["crash_after"]:
+                _die_while_writing(path)
+            write_record(path, record)
+            outcome[image_id] = (image_id, record.n_cells, None)
+        except Exception as error:  # one record that cannot be built or written
+            outcome[image_id] = (image_id, 0, _error_text(error))
+    return [outcome[image_id] for image_id in image_ids]
 
 
 def _die_while_writing(path: Path) -> None:
@@ -118,9 +154,11 @@ class _OutputLock:
 
 
 def generate(layout: DatasetLayout, out_dir: Path, source: str, segmenter_config: dict, workers: int = 1,
-             limit: int | None = None, progress: bool = True) -> tuple[list[tuple[str, str]], int, bool]:
-    """Segment the images of `source` that have no record yet. Returns (failures as (ID, error),
-    number of records written, whether a worker died)."""
+             limit: int | None = None, progress: bool = True,
+             segmenter=None) -> tuple[list[tuple[str, str]], int, bool]:
+    """Segment the images of `source` that have no record yet, `segmenter_config["batch_size"]`
+    fields at a time for a backend that batches. `segmenter`: one already built, used when
+    workers <= 1. Returns (failures as (ID, error), number of records written, whether a worker died)."""
     ids = source_image_ids(layout, source)
     ids = ids[:limit] if limit else ids
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,23 +173,25 @@ def generate(layout: DatasetLayout, out_dir: Path, source: str, segmenter_config
     written, died = 0, False
     bar = tqdm(total=len(todo), desc=f"cell boxes ({source})", disable=not progress)
 
-    def handle(result: tuple[str, int, str | None]) -> None:
+    def handle(results: list[tuple[str, int, str | None]]) -> None:
         nonlocal written
-        image_id, _, error = result
-        if error:
-            log.warning("skipped %s: %s", image_id, error)
-            failures.append((image_id, error))
-        else:
-            written += 1
-        bar.update(1)
+        for image_id, _, error in results:
+            if error:
+                log.warning("skipped %s: %s", image_id, error)
+                failures.append((image_id, error))
+            else:
+                written += 1
+            bar.update(1)
 
+    chunk = segmenter_config.get("batch_size", 1) if segmenter_config["backend"] == "hpacellseg" else 1
+    chunks = [todo[start:start + chunk] for start in range(0, len(todo), chunk)]
     if workers <= 1:
-        _init_worker(*init_args)
-        for image_id in todo:
-            handle(_segment_one(image_id))
+        _init_worker(*init_args, segmenter=segmenter)
+        for image_ids in chunks:
+            handle(_segment_chunk(image_ids))
     else:
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=init_args) as pool:
-            futures = [pool.submit(_segment_one, image_id) for image_id in todo]
+            futures = [pool.submit(_segment_chunk, image_ids) for image_ids in chunks]
             try:
                 for future in as_completed(futures):
                     handle(future.result())
@@ -171,9 +211,16 @@ def main(argv=None) -> int:
     group.add_argument("--public-data", action="store_true", help="segment public.csv / public/ instead of train")
     group.add_argument("--test-data", action="store_true", help="segment test.csv / test/ instead of train")
     parser.add_argument("--backend", choices=BACKENDS, default="classical", help="segmentation backend")
-    parser.add_argument("--nuclei-model", help="hpacellseg nuclei model file (local; nothing is downloaded)")
-    parser.add_argument("--cell-model", help="hpacellseg 3-channel cell model file (local)")
-    parser.add_argument("--device", default="cpu", help="torch device for hpacellseg (default: %(default)s)")
+    parser.add_argument("--nuclei-model", help="hpacellseg: nuclei model file, TorchScript (local; nothing is downloaded)")
+    parser.add_argument("--cell-model", help="hpacellseg: 3-channel cell model file, TorchScript (local)")
+    parser.add_argument("--allow-pickled-model", action="store_true",
+                        help="hpacellseg: also accept model files that are whole pickled modules; loading one runs "
+                             "code from the file, so only use files you trust")
+    parser.add_argument("--device", default="auto",
+                        help="hpacellseg: torch device, 'auto' = CUDA when present, else CPU (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="hpacellseg: fields per forward pass (default: %(default)s)")
+    parser.add_argument("--amp", action="store_true", help="hpacellseg: mixed precision (autocast) forward passes")
     parser.add_argument("--work-size", type=int, default=512,
                         help="long side in px at which fields are segmented; masks are upscaled (default: %(default)s)")
     parser.add_argument("--use-green", action="store_true", help="classical: add the protein channel to the cell signal")
@@ -186,20 +233,23 @@ def main(argv=None) -> int:
     layout = DatasetLayout(args.dataset)
     if not layout.root.is_dir():
         raise UserInputError(f"dataset folder {layout.root} not found")
-    if args.workers < 1 or (args.limit is not None and args.limit < 1) or args.work_size < 32:
-        raise UserInputError("--workers and --limit must be >= 1 and --work-size >= 32")
+    if args.workers < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1) or args.work_size < 32:
+        raise UserInputError("--workers, --batch-size and --limit must be >= 1 and --work-size >= 32")
     source = "public" if args.public_data else "test" if args.test_data else "train"
     config = dict(backend=args.backend, work_size=args.work_size, nuclei_model=args.nuclei_model,
                   cell_model=args.cell_model, device=args.device, use_green=args.use_green)
+    if args.backend == "hpacellseg":
+        config.update(batch_size=args.batch_size, amp=args.amp, allow_pickled_model=args.allow_pickled_model)
     try:
-        make_segmenter(**config)  # fail fast on a missing package or model file, before any worker starts
+        # fail fast on a missing or wrong model file (loaded and run once), before any field
+        segmenter = make_segmenter(**config)
     except (RuntimeError, ValueError) as error:
         raise UserInputError(str(error)) from None
     out_dir = records_dir(OutputLayout(args.output_dir).bboxes_dir, source)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _OutputLock(out_dir):
         failures, written, died = generate(layout, out_dir, source, config, args.workers, args.limit,
-                                           progress=not args.no_progress)
+                                           progress=not args.no_progress, segmenter=segmenter)
         failed_csv = out_dir / FAILED_TABLE_NAME
         if failures:
             write_csv_atomic(pd.DataFrame(failures, columns=["ID", "error"]), failed_csv)

@@ -7,10 +7,11 @@
 Per image: `{output}/segmentation_report/{source}/{ID}.png` (HPA-style composite with cell
 outlines and cell_i numbers, nuclei outlines, reference outlines in magenta) and, when a reference
 mask exists (`--reference-masks DIR` with `{ID}_predictedmask.png` or `{ID}.png`, else the
-dataset's synthetic truth `truth/masks/{ID}.png`), a row of `match_stats.csv`: reference cells,
-predicted cells, reference cells matched at IoU >= 0.6, their fraction, the mean best IoU of the
-reference cells, and predicted cells matching nothing ("spurious"). The last row, ID "ALL", pools
-the cells of every image. Masks are segmented afresh unless `--from-records` (then the stored
+dataset's synthetic truth `truth/masks/{ID}.png`; one channel of labels, or a colour label image:
+identical channels are read as one, else each colour is a cell), a row of `match_stats.csv`:
+reference cells, predicted cells, reference cells matched at IoU >= 0.6, their fraction, the mean
+best IoU of the reference cells, and predicted cells matching nothing ("spurious"). The last row,
+ID "ALL", pools the cells of every image. Masks are segmented afresh unless `--from-records` (then the stored
 records are shown, without nuclei).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+from skimage.measure import label as label_components
 
 from src.data.bbox_records import read_record, record_path
 from src.data.images import ImageReadError, read_field
@@ -33,6 +35,7 @@ from src.segmentation.overlay import overlay
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
 
 log = logging.getLogger(__name__)
+MIN_MEAN_CELL_AREA = 16  # px: a colour image whose colour regions average less is a picture, not labels
 STATS_COLUMNS = ("ID", "n_reference", "n_predicted", "matched", "match_rate", "mean_iou", "spurious", "spurious_rate")
 
 
@@ -43,15 +46,38 @@ def find_reference_mask(image_id: str, reference_dir: Path | None, layout: Datas
 
 
 def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """uint16 label mask of `shape` from a PNG (resized with nearest neighbour when it differs)."""
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
         raise ImageReadError(path, "unreadable reference mask")
-    if mask.ndim == 3:
-        mask = mask[..., 0]
-    mask = mask.astype(np.uint16)
+    mask = decode_labels(mask, path)
     if mask.shape != shape:
         mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
     return mask
+
+
+def decode_labels(mask: np.ndarray, path: Path) -> np.ndarray:
+    """A decoded PNG -> uint16 labels. One channel: the labels. Several (alpha ignored): identical
+    colour channels are one channel of labels; otherwise each colour other than black is a cell,
+    split into its 8-connected parts (palettes that reuse a colour for cells far apart). A colour
+    image that does not look like labels (more parts than uint16 holds, or parts averaging under
+    MIN_MEAN_CELL_AREA px: an overlay or a photograph) is refused with one line."""
+    if mask.ndim == 2:
+        return mask.astype(np.uint16)
+    colour = mask[..., :3]
+    if (colour == colour[..., :1]).all():
+        return colour[..., 0].astype(np.uint16)
+    wide = colour.astype(np.int64)
+    packed = wide[..., 0] | wide[..., 1] << 16 | wide[..., 2] << 32  # 8- or 16-bit channels
+    values, colour_ids = np.unique(packed.ravel(), return_inverse=True)
+    colour_ids = colour_ids.reshape(packed.shape) + (0 if values[0] == 0 else 1)  # black -> 0
+    labels = label_components(colour_ids, background=0, connectivity=2)
+    n_cells = int(labels.max())
+    if n_cells > np.iinfo(np.uint16).max or np.count_nonzero(labels) < MIN_MEAN_CELL_AREA * n_cells:
+        raise UserInputError(f"reference mask {path} is a colour image of {len(values)} colours that does not read "
+                             f"as cell labels ({n_cells} regions averaging {np.count_nonzero(labels) / n_cells:.1f} px); "
+                             "give a one-channel label PNG")
+    return labels.astype(np.uint16)
 
 
 def stats_row(image_id: str, reference: np.ndarray, cells: np.ndarray, threshold: float) -> dict:
@@ -76,7 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image-dir", help="channel files folder (default: the dataset's folder of --source)")
     parser.add_argument("--reference-masks", help="folder of reference masks {ID}_predictedmask.png or {ID}.png")
     parser.add_argument("--ids", nargs="+", help="image IDs (default: the source's table)")
-    parser.add_argument("--limit", type=int, default=8, help="first N images (default: %(default)s; 0 = all)")
+    parser.add_argument("--limit", type=int, help="only the first N images (default: all)")
     parser.add_argument("--output-dir", default="output", help="output folder (default: %(default)s)")
     parser.add_argument("--from-records", action="store_true", help="show the stored bbox records instead of segmenting")
     parser.add_argument("--backend", choices=BACKENDS, default="classical")
@@ -92,12 +118,17 @@ def main(argv=None) -> int:
     reference_dir = Path(args.reference_masks) if args.reference_masks else None
     if not image_dir.is_dir():
         raise UserInputError(f"image folder {image_dir} not found")
+    if args.limit is not None and args.limit < 1:
+        raise UserInputError("--limit must be >= 1")
     if reference_dir is not None and not reference_dir.is_dir():
         raise UserInputError(f"reference mask folder {reference_dir} not found")
     ids = args.ids or source_image_ids(layout, args.source)
-    ids = ids[:args.limit] if args.limit else ids
-    segmenter = None if args.from_records else make_segmenter(
-        args.backend, work_size=args.work_size, nuclei_model=args.nuclei_model, cell_model=args.cell_model)
+    ids = ids[:args.limit]
+    try:
+        segmenter = None if args.from_records else make_segmenter(
+            args.backend, work_size=args.work_size, nuclei_model=args.nuclei_model, cell_model=args.cell_model)
+    except (RuntimeError, ValueError) as error:  # a missing or wrong model file
+        raise UserInputError(str(error)) from None
     out_dir = OutputLayout(args.output_dir).root / "segmentation_report" / args.source
     rows, failures = [], 0
     for image_id in ids:

@@ -6,9 +6,10 @@ A segmenter is any object with `segment(field) -> (nuclei, cells)`:
 - `nuclei`, `cells`: (H, W) uint16 label masks at the field's full resolution, 0 = background,
   labels 1..n; nucleus k lies inside cell k; every cell has a nucleus.
 
-Backends: `classical` (default, weight-free, src.segmentation.classical) and `hpacellseg` (the HPA
-U-Nets when that package is installed and local model files are given,
-src.segmentation.hpacellseg_backend). Both apply the same clean-up (src.segmentation.postprocess).
+Backends: `classical` (default, weight-free, src.segmentation.classical) and `hpacellseg` (the
+published HPA U-Nets from local model files, run by our own code: src.segmentation.hpacellseg_backend;
+it also has `segment_batch(fields)`, several fields per forward pass). Both apply the same clean-up
+(src.segmentation.postprocess).
 """
 from __future__ import annotations
 
@@ -44,9 +45,13 @@ class ClassicalSegmenter:
 
 
 def make_segmenter(backend: str = "classical", *, work_size: int = 512, nuclei_model: str | None = None,
-                   cell_model: str | None = None, device: str = "cpu", use_green: bool = False) -> Segmenter:
+                   cell_model: str | None = None, device: str = "auto", use_green: bool = False,
+                   batch_size: int = 4, amp: bool = False, allow_pickled_model: bool = False) -> Segmenter:
     """Build a segmenter by name. `work_size`: long side (px) at which segmentation runs (the
-    classical working size; for hpacellseg the scale factor is work_size / field size)."""
+    classical working size; for hpacellseg the scale factor is work_size / field size). The
+    hpacellseg arguments: model files, torch device ('auto': CUDA when present), fields per forward
+    pass, mixed precision, and whether a whole pickled model may be loaded (that runs code from the
+    file). Building it loads and checks both models, so a wrong file fails here."""
     if backend == "classical":
         from src.segmentation.classical import ClassicalParams
 
@@ -55,5 +60,6 @@ def make_segmenter(backend: str = "classical", *, work_size: int = 512, nuclei_m
         from src.segmentation.hpacellseg_backend import HpaCellSegSegmenter
 
         return HpaCellSegSegmenter(nuclei_model=nuclei_model, cell_model=cell_model, work_size=work_size,
-                                   device=device)
+                                   device=device, batch_size=batch_size, amp=amp,
+                                   allow_pickled_model=allow_pickled_model)
     raise ValueError(f"unknown segmentation backend {backend!r}; choose one of {BACKENDS}")

@@ -1,93 +1,102 @@
-"""The HPA cell-segmentation U-Nets (package `hpacellseg`) behind the Segmenter interface.
+"""The published HPA cell-segmentation U-Nets behind the Segmenter interface, without the
+hpacellseg package: our loader and pre-processing (src.segmentation.hpa_models), the package's
+label_cell re-implemented (src.segmentation.hpa_labels), then the clean-up every backend ends with.
 
-Used when `hpacellseg` is importable. The nuclei and cell model files are local paths (checked to
-exist first: the package would otherwise try to download them). The calls mirror the package's API:
-
-    CellSegmentator(nuclei_model, cell_model, scale_factor, device, padding, multi_channel_model=True)
-    pred_nuclei([blue, ...])                     -> [(H, W, 3) uint8 prediction, ...]
-    pred_cells([[red, ...], [yellow, ...], [blue, ...]]) -> [(H, W, 3) uint8 prediction, ...]
-    hpacellseg.utils.label_cell(nuclei_pred, cell_pred) -> (nuclei_mask, cell_mask)
-
-after which the same clean-up as the classical backend is applied: nuclei below a fraction of the
-image's median nucleus area are dropped (the package's cut-off is a fixed pixel count), cells left
-without a nucleus are dropped, and small cells cut by the border are removed.
+Several fields go through each model in one forward pass (`segment_batch`); fields are grouped by
+working shape. The network runs at `work_size` px on the long side (scale factor = work_size / side:
+0.25 for 2048-px fields, as the package is used on HPA fields); the prediction maps are scaled back
+to the field size and labelled there, with the package's pixel sizes scaled to the field
+(hpa_labels.LabelSizes). After label_cell: nuclei below a fraction of the image's median nucleus
+area are dropped (the package's cut-off is a fixed pixel count), cells left without a nucleus are
+dropped, and small cells cut by the border are removed.
 """
 from __future__ import annotations
 
-import importlib
 import os
-from pathlib import Path
 
 import numpy as np
 
+from src.segmentation.hpa_labels import PACKAGE_FIELD_SIZE, PACKAGE_SIZES, label_cells_from_maps
+from src.segmentation.hpa_models import (HpaModelError, check_model, full_resolution_maps, load_model, network_inputs,
+                                         padding_for, predict, resolve_device, working_shape)
 from src.segmentation.postprocess import drop_small_relative, finish_masks
 
-
-class HpaCellSegUnavailable(RuntimeError):
-    """hpacellseg is not installed or its model files are missing; the message says which."""
-
-
-def hpacellseg_available() -> bool:
-    try:
-        importlib.import_module("hpacellseg.cellsegmentator")
-        importlib.import_module("hpacellseg.utils")
-    except ImportError:
-        return False
-    return True
+__all__ = ["HpaCellSegSegmenter", "HpaModelError"]
 
 
 class HpaCellSegSegmenter:
-    """Segmenter running the HPA U-Nets at `work_size` px on the long side (scale_factor = work_size / side).
-
-    `min_nucleus_fraction` / `min_border_cell_fraction`: as in ClassicalParams.
-    """
+    """Segmenter running the HPA U-Nets. Loading checks both models with a tiny forward pass, so a
+    wrong file fails here, before any field. `min_nucleus_fraction` / `min_border_cell_fraction`:
+    as in ClassicalParams."""
 
     name = "hpacellseg"
 
     def __init__(self, nuclei_model: str | os.PathLike | None, cell_model: str | os.PathLike | None,
-                 work_size: int = 512, device: str = "cpu", padding: bool = False,
-                 min_nucleus_fraction: float = 0.15, min_border_cell_fraction: float = 0.15):
-        for flag, path in (("nuclei model", nuclei_model), ("cell model", cell_model)):
-            if path is None:
-                raise HpaCellSegUnavailable(f"the hpacellseg backend needs a local {flag} file (nothing is downloaded)")
-            if not Path(path).is_file():
-                raise HpaCellSegUnavailable(f"{flag} file {path} not found (nothing is downloaded)")
-        try:
-            self._cellsegmentator = importlib.import_module("hpacellseg.cellsegmentator")
-            self._utils = importlib.import_module("hpacellseg.utils")
-        except ImportError as error:
-            raise HpaCellSegUnavailable(
-                f"the hpacellseg backend needs the hpacellseg package ({error}); use --backend classical") from None
-        self.nuclei_model = str(nuclei_model)
-        self.cell_model = str(cell_model)
+                 work_size: int = 512, device: str = "auto", batch_size: int = 4, amp: bool = False,
+                 allow_pickled_model: bool = False, min_nucleus_fraction: float = 0.15,
+                 min_border_cell_fraction: float = 0.15):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.device = resolve_device(device)
+        self.models = {}
+        for role, path in (("nuclei", nuclei_model), ("cell", cell_model)):
+            model = load_model(path, role, self.device, allow_pickled_model)
+            check_model(model, role, path, self.device)
+            self.models[role] = model
         self.work_size = work_size
-        self.device = device
-        self.padding = padding
+        self.batch_size = batch_size
+        self.amp = amp
         self.min_nucleus_fraction = min_nucleus_fraction
         self.min_border_cell_fraction = min_border_cell_fraction
-        self._segmentators: dict[float, object] = {}  # one per scale factor (field size); models load once each
 
-    def _segmentator(self, scale_factor: float):
-        key = round(scale_factor, 6)
-        if key not in self._segmentators:
-            self._segmentators[key] = self._cellsegmentator.CellSegmentator(
-                nuclei_model=self.nuclei_model, cell_model=self.cell_model, scale_factor=scale_factor,
-                device=self.device, padding=self.padding, multi_channel_model=True)
-        return self._segmentators[key]
+    def scale_for(self, shape: tuple[int, int]) -> float:
+        return min(1.0, self.work_size / max(shape))
 
     def segment(self, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if field.ndim != 3 or field.shape[2] < 4:
-            raise ValueError(f"expected an (H, W, 4) RGBY field, got shape {field.shape}")
-        if field.dtype == np.uint16:
-            from src.data.images import to_uint8
+        return self.segment_batch([field])[0]
 
-            field = to_uint8(field)
-        full_shape = field.shape[:2]
-        scale_factor = min(1.0, self.work_size / max(full_shape))
-        red, blue, yellow = (np.ascontiguousarray(field[..., c]) for c in (0, 2, 3))
-        segmentator = self._segmentator(scale_factor)
-        nuclei_pred = segmentator.pred_nuclei([blue])[0]
-        cell_pred = segmentator.pred_cells([[red], [yellow], [blue]])[0]
-        nuclei, cells = self._utils.label_cell(nuclei_pred, cell_pred)
-        nuclei = drop_small_relative(np.asarray(nuclei).astype(np.uint16), self.min_nucleus_fraction)
-        return finish_masks(nuclei, np.asarray(cells).astype(np.uint16), full_shape, self.min_border_cell_fraction)
+    def predict_maps(self, fields: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per field, the (nuclei, cell) uint8 prediction maps at the field's size, as the package's
+        pred_nuclei / pred_cells give them; up to `batch_size` fields of one working shape per pass."""
+        fields = [_as_uint8_rgby(field) for field in fields]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, field in enumerate(fields):
+            groups.setdefault(working_shape(field.shape[:2], self.scale_for(field.shape[:2])), []).append(index)
+        maps: list = [None] * len(fields)
+        for shape, indices in groups.items():
+            padding = padding_for(shape)
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                inputs = [network_inputs(fields[i], self.scale_for(fields[i].shape[:2])) for i in chunk]
+                outputs = {}
+                for position, role in enumerate(("nuclei", "cell")):
+                    batch = np.stack([pair[position] for pair in inputs])
+                    outputs[role] = predict(self.models[role], batch, self.device, self.amp).cpu().numpy()
+                for row, i in enumerate(chunk):
+                    maps[i] = (full_resolution_maps(outputs["nuclei"][row], padding, fields[i].shape[:2], True),
+                               full_resolution_maps(outputs["cell"][row], padding, fields[i].shape[:2], False))
+        return maps
+
+    def segment_batch(self, fields: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(nuclei, cells) full-resolution uint16 label masks per field."""
+        return [self.label_maps(nuclei_pred, cell_pred)
+                for nuclei_pred, cell_pred in self.predict_maps(fields)]
+
+    def label_maps(self, nuclei_pred: np.ndarray, cell_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One field's prediction maps -> (nuclei, cells): label_cell, then our clean-up."""
+        shape = nuclei_pred.shape[:2]
+        nuclei, cells = label_cells_from_maps(nuclei_pred, cell_pred, PACKAGE_SIZES.scaled(max(shape) / PACKAGE_FIELD_SIZE))
+        nuclei = drop_small_relative(nuclei, self.min_nucleus_fraction)
+        return finish_masks(nuclei, cells, shape, self.min_border_cell_fraction)
+
+
+def _as_uint8_rgby(field: np.ndarray) -> np.ndarray:
+    if field.ndim != 3 or field.shape[2] < 4:
+        raise ValueError(f"expected an (H, W, 4) RGBY field, got shape {field.shape}")
+    if field.dtype == np.uint16:
+        from src.data.images import to_uint8
+
+        return to_uint8(field)
+    if field.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 or uint16 field, got {field.dtype}")
+    return field
