@@ -40,6 +40,14 @@ def channel_path(image_dir: str | os.PathLike, image_id: str, channel: str) -> P
                          f"missing (no {image_id}_{channel}.{{{','.join(EXTENSIONS)}}})")
 
 
+def check_field_files(image_dir: str | os.PathLike, image_id: str, channels: Sequence[str] = RGBY) -> None:
+    """Raise ImageReadError unless every channel file of the field exists and is not empty (no decoding)."""
+    for channel in channels:
+        path = channel_path(image_dir, image_id, channel)
+        if path.stat().st_size == 0:
+            raise ImageReadError(path, "zero-byte file")
+
+
 def to_uint8(plane: np.ndarray) -> np.ndarray:
     """uint8 unchanged; uint16 -> round(x / 257); float in [0, 1] -> round(x * 255)."""
     if plane.dtype == np.uint8:
