@@ -21,14 +21,20 @@ from src.utils.io import UserInputError, run_cli, setup_logging
 log = logging.getLogger(__name__)
 
 
-def check_images(layout: DatasetLayout, source: str, image_ids: list[str], table_name: str) -> None:
-    """UserInputError naming how many IDs of the table lack a channel file, and the first of them."""
-    problems = []
+def missing_image_files(layout: DatasetLayout, source: str, image_ids: list[str]) -> dict[str, str]:
+    """{ID: reason} for the IDs whose channel files are missing or empty (files are not decoded)."""
+    problems = {}
     for image_id in image_ids:
         try:
             check_field_files(layout.image_dir(source), image_id)
         except ImageReadError as error:
-            problems.append(str(error))
+            problems[image_id] = str(error)
+    return problems
+
+
+def check_images(layout: DatasetLayout, source: str, image_ids: list[str], table_name: str) -> None:
+    """UserInputError naming how many IDs of the table lack a channel file, and the first of them."""
+    problems = list(missing_image_files(layout, source, image_ids).values())
     if problems:
         raise UserInputError(f"{len(problems)} of {len(image_ids)} IDs in {table_name} have no usable image "
                              f"files (first: {problems[0]})")
