@@ -140,6 +140,8 @@ def write_record(path: str | os.PathLike, record: BBoxRecord, compresslevel: int
 def read_record(path: str | os.PathLike, load_mask: bool = True) -> BBoxRecord:
     """Read one record; with load_mask=False the (large) cell mask is not decompressed."""
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # else np.load would try it as .npy or a pickle
+        raise RecordError(f"{path}: not a bbox record (not a zip archive: empty, truncated or another kind of file)")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = set(_ARRAYS) - {name[:-4] for name in data.zip.namelist()}
