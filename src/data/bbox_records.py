@@ -229,6 +229,8 @@ def cell_crop_mask(record: BBoxRecord, cell_i: int, field_shape: tuple[int, int]
     if field_shape is None or tuple(field_shape) == (height, width):
         return (y0, x0, y1, x1), record.cell_mask[y0:y1, x0:x1]
     fy, fx = field_shape[0] / height, field_shape[1] / width
+    if field_shape[0] == field_shape[1] and height != width:  # the aspect-kept square (images.fit_in_square)
+        fy = fx = field_shape[0] / max(height, width)
     box = (int(np.floor(y0 * fy)), int(np.floor(x0 * fx)),
            min(int(np.ceil(y1 * fy)), field_shape[0]), min(int(np.ceil(x1 * fx)), field_shape[1]))
     rows = _sample_grid(box[0], box[2], fy, height)

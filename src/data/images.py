@@ -120,6 +120,19 @@ def resize_field(field: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.concatenate(parts, axis=-1)
 
 
+def fit_in_square(field: np.ndarray, size: int) -> np.ndarray:
+    """(size, size, C): the field scaled by one factor so that its long side is `size`, at the top left
+    of a zero square, so a non-square field keeps its aspect. A square field is simply resized."""
+    height, width = field.shape[:2]
+    if height == width:
+        return resize_field(field, size)
+    scale = size / max(height, width)
+    inner = resize_field(field, (max(1, round(height * scale)), max(1, round(width * scale))))
+    square = np.zeros((size, size) + field.shape[2:], field.dtype)
+    square[:inner.shape[0], :inner.shape[1]] = inner
+    return square
+
+
 def write_channel(path: str | os.PathLike, plane: np.ndarray) -> None:
     """Write one (H, W) uint8/uint16 plane; the format follows the extension."""
     path = Path(path)
