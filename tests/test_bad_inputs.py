@@ -331,6 +331,24 @@ def test_denoising_folds_refuse_a_stale_or_corrupt_index(segmented, capsys, dama
     assert outputs.denoising_folds_csv.read_bytes() == folds_before
 
 
+def test_malformed_cell_index_is_one_line(segmented, capsys):
+    _, outputs = segmented
+    cells_csv = outputs.bboxes_dir / "train" / "cells.csv"
+    cells_csv.write_text(cells_csv.read_text() + "x,1,2,3,4,5,6,7,8,9,10\n")
+    one_error(*run_stage(create_denoising_folds.main, ["--output-dir", outputs.root], capsys), str(cells_csv),
+              "Expected 9 fields", "rerun python -m src.preprocessing.generate_cell_bboxes")
+    assert not outputs.denoising_folds_csv.exists()
+
+
+@pytest.mark.parametrize("row, fragment", [("a,b,none,1,2", "line 2: 5 fields, the header has 6"),
+                                           ("a,b,none,1,2,x", "a distance is not an integer")])
+def test_malformed_duplicates_table_is_one_line(dataset, capsys, row, fragment):
+    dataset.duplicates_csv.write_text("ID_a,ID_b,transform,dist_red,dist_green,dist_blue\n" + row + "\n")
+    one_error(*run_stage(create_imagelevel_folds.main, ["--dataset", dataset.root, "--n-folds", "3",
+                                                        "--drop-duplicates"], capsys), str(dataset.duplicates_csv), fragment)
+    assert not dataset.folds_csv.exists()
+
+
 @pytest.mark.parametrize("content", [b"some text\n", b"", np.lib.format.MAGIC_PREFIX + b"\x01\x00garbage"])
 def test_text_file_as_record_is_not_called_pickled_data(segmented, capsys, content):
     dataset, outputs = segmented

@@ -52,7 +52,14 @@ def checked_cell_table(bboxes_dir, source: str) -> pd.DataFrame:
     open and hold as many cells as the table lists for it, and the table must list no image without a
     record; otherwise a stale or damaged index would silently decide the folds (UserInputError)."""
     directory = records_dir(bboxes_dir, source)
-    cells = read_cell_table(directory)
+    try:
+        cells = read_cell_table(directory)
+    except ValueError as error:  # pandas' ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors
+        raise UserInputError(f"{directory / CELL_TABLE_NAME}: unreadable ({str(error).strip()}); "
+                             f"rerun python -m src.preprocessing.generate_cell_bboxes") from None
+    if "ID" not in cells.columns or "cell_i" not in cells.columns:
+        raise UserInputError(f"{directory / CELL_TABLE_NAME}: not a cell table (columns {list(cells.columns)}); "
+                             f"rerun python -m src.preprocessing.generate_cell_bboxes")
     listed = cells.groupby("ID").size()
     record_ids = list_record_ids(directory)
     rerun = f"rerun python -m src.preprocessing.generate_cell_bboxes ({CELL_TABLE_NAME} was not used)"
