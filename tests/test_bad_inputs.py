@@ -117,6 +117,19 @@ def test_bom_crlf_and_blank_lines_read_like_the_clean_table(dataset):
     pd.testing.assert_frame_equal(read_label_table(dataset.train_csv), clean)
 
 
+def test_line_numbers_count_blank_lines(dataset, capsys):
+    dataset.train_csv.write_text("ID,Label\r\n\r\na,1\r\n\r\nb,1|99\r\n")
+    one_error(*run_stage(check_inputs.main, ["--dataset", dataset.root], capsys),
+              f"{dataset.train_csv}: line 5 (ID b): label id 99 outside 0..18")
+
+
+def test_folder_where_an_output_goes_is_one_line(dataset, capsys):
+    dataset.folds_csv.mkdir()
+    one_error(*run_stage(create_imagelevel_folds.main, ["--dataset", dataset.root, "--n-folds", "3"], capsys),
+              "Is a directory", str(dataset.folds_csv))
+    assert dataset.folds_csv.is_dir() and not list(dataset.root.glob(".folds*"))  # no temporary file left
+
+
 # --- test.csv: wrong columns found before any stage; sizes from the images when absent ---------------
 
 def test_pipeline_refuses_a_bad_test_table_before_the_first_stage(dataset, tmp_path):
@@ -126,7 +139,7 @@ def test_pipeline_refuses_a_bad_test_table_before_the_first_stage(dataset, tmp_p
                                                          "DATASET": str(dataset.root), "OUTPUT": str(tmp_path / "out")})
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith(("error", "Traceback"))]
-    assert errors == [f"error: {dataset.test_csv}: has ImageWidth but not {{'ImageHeight'}}"]
+    assert errors == [f"error: {dataset.test_csv}: has ImageWidth but not ImageHeight"]
     assert "preprocessing" not in result.stdout and not (tmp_path / "out").exists()
     assert not dataset.cache_dir(1024).exists()
 

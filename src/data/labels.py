@@ -24,11 +24,13 @@ class LabelTableError(ValueError):
     """An input table (labels, test list) that cannot be used; the message names the file and row."""
 
 
-def read_csv_table(path: str | os.PathLike, required: Sequence[str] = (), what: str = "table") -> pd.DataFrame:
+def read_csv_table(path: str | os.PathLike, required: Sequence[str] = (), what: str = "table",
+                   with_lines: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, list[int]]:
     """Every field as a string, after the checks any input table needs, each failing with one
     LabelTableError line: a folder or missing file, an empty file, bytes that are not UTF-8 (a BOM
     and CRLF line ends are fine), a column named twice, a missing column, a row whose field count
-    differs from the header's (the CSV line is named). Blank lines are skipped."""
+        differs from the header's (the CSV line is named). Blank lines are skipped. With `with_lines`,
+    also the 1-based CSV line of each row, for later messages."""
     path = Path(path)
     if path.is_dir():
         raise LabelTableError(f"{path}: is a folder, expected a {what} CSV file")
@@ -53,7 +55,7 @@ def read_csv_table(path: str | os.PathLike, required: Sequence[str] = (), what: 
         missing = [name for name in required if name not in header]
         if missing:
             raise LabelTableError(f"{path}: missing column(s) {missing}; found {header}")
-        rows = []
+        rows, lines = [], []
         for fields in reader:
             if not fields:
                 continue
@@ -61,9 +63,11 @@ def read_csv_table(path: str | os.PathLike, required: Sequence[str] = (), what: 
                 raise LabelTableError(f"{path}: line {reader.line_num}: {len(fields)} fields, "
                                       f"the header has {len(header)}")
             rows.append(fields)
+            lines.append(reader.line_num)
     except csv.Error as error:
         raise LabelTableError(f"{path}: line {reader.line_num}: {error}") from None
-    return pd.DataFrame(rows, columns=header, dtype=str)
+    table = pd.DataFrame(rows, columns=header, dtype=str)
+    return (table, lines) if with_lines else table
 
 
 def parse_label_string(text: str) -> list[int]:
@@ -125,7 +129,7 @@ def read_label_table(path: str | os.PathLike, source: str = "train") -> pd.DataF
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     path = Path(path)
-    table = read_csv_table(path, what="label table")
+    table, lines = read_csv_table(path, what="label table", with_lines=True)
     if "ID" not in table.columns and "Image" in table.columns:
         table = table.rename(columns={"Image": "ID"})
         table["ID"] = _image_ids_from_urls(table["ID"])
@@ -136,7 +140,7 @@ def read_label_table(path: str | os.PathLike, source: str = "train") -> pd.DataF
         raise LabelTableError(f"{path}: no rows")
     normalised = []
     for row, (image_id, text) in enumerate(zip(table["ID"], table["Label"])):
-        line = row + 2  # header is line 1
+        line = lines[row]
         if not str(image_id).strip():
             raise LabelTableError(f"{path}: line {line}: empty ID")
         try:
@@ -148,7 +152,7 @@ def read_label_table(path: str | os.PathLike, source: str = "train") -> pd.DataF
     duplicated = table["ID"].duplicated(keep="first")
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise LabelTableError(f"{path}: line {row + 2}: duplicate ID {table['ID'].iloc[row]}")
+        raise LabelTableError(f"{path}: line {lines[row]}: duplicate ID {table['ID'].iloc[row]}")
     table["source"] = source
     return table
 
@@ -180,16 +184,17 @@ def read_test_table(path: str | os.PathLike) -> pd.DataFrame:
     from the images. One size column without the other, an empty or repeated ID is a LabelTableError.
     """
     path = Path(path)
-    table = read_csv_table(path, required=("ID",), what="test table")
+    table, lines = read_csv_table(path, required=("ID",), what="test table", with_lines=True)
     sizes = [name for name in TEST_COLUMNS[1:] if name in table.columns]
     if len(sizes) == 1:
-        raise LabelTableError(f"{path}: has {sizes[0]} but not {set(TEST_COLUMNS[1:]) - set(sizes)}")
+        other = next(name for name in TEST_COLUMNS[1:] if name not in sizes)
+        raise LabelTableError(f"{path}: has {sizes[0]} but not {other}")
     if table.empty:
         raise LabelTableError(f"{path}: no rows")
     table["ID"] = table["ID"].str.strip()
     for row, image_id in enumerate(table["ID"]):
         if not image_id:
-            raise LabelTableError(f"{path}: line {row + 2}: empty ID")
+            raise LabelTableError(f"{path}: line {lines[row]}: empty ID")
     for name in TEST_COLUMNS[1:]:
         if name not in table.columns:
             table[name] = np.nan
@@ -198,11 +203,11 @@ def read_test_table(path: str | os.PathLike) -> pd.DataFrame:
         bad = ~(values > 0) | (values != values.round())
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise LabelTableError(f"{path}: line {row + 2} (ID {table['ID'].iloc[row]}): {name} "
+            raise LabelTableError(f"{path}: line {lines[row]} (ID {table['ID'].iloc[row]}): {name} "
                                   f"{table[name].iloc[row]!r} is not a positive integer")
         table[name] = values.astype(np.int64)
     duplicated = table["ID"].duplicated()
     if duplicated.any():
         row = int(np.flatnonzero(duplicated.to_numpy())[0])
-        raise LabelTableError(f"{path}: line {row + 2}: duplicate ID {table['ID'].iloc[row]}")
+        raise LabelTableError(f"{path}: line {lines[row]}: duplicate ID {table['ID'].iloc[row]}")
     return table

@@ -77,7 +77,8 @@ def run_cli(main, argv=None) -> None:
 
     try:
         code = main(argv)
-    except (UserInputError, ImageReadError, LabelTableError, FileNotFoundError) as error:
+    except (UserInputError, ImageReadError, LabelTableError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError, PermissionError) as error:  # the last four: a path the user gave is wrong
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
