@@ -221,6 +221,7 @@ def test_damaged_cache_file_is_rebuilt_and_never_breaks_loading(dataset, capsys,
     np.testing.assert_array_equal(image.numpy().transpose(1, 2, 0), expected)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and str(damaged) in warnings[0] and "damaged cache file" in warnings[0]
+    assert "pickle" not in warnings[0]
     caplog.clear()
     # the rerun rebuilds it, with one warning, and leaves the sound files alone
     with caplog.at_level(logging.WARNING):

@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 _warned: set[Path] = set()
 
 
+def _unreadable(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    # numpy takes a file without the .npy magic string for a pickle; say what it is
+    return "not a .npy file (no .npy header)" if "pickle" in text else f"not a readable .npy file ({text})"
+
+
 def cache_file_problem(cache_path: str | os.PathLike, size: int | None = None) -> str | None:
     """Why a cache file cannot be used, or None: its `.npy` header must parse, describe uint8 (H, W, C)
     data (H = W = size when given), and the file must hold exactly the bytes it announces."""
@@ -35,7 +41,7 @@ def cache_file_problem(cache_path: str | os.PathLike, size: int | None = None) -
             expected = handle.tell() + int(np.prod(shape)) * dtype.itemsize
             actual = os.fstat(handle.fileno()).st_size
     except (ValueError, OSError, EOFError) as error:
-        return f"not a readable .npy file ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+        return _unreadable(error)
     if dtype != np.uint8 or len(shape) != 3 or fortran_order:
         return f"holds {dtype} {shape}, not a (H, W, C) uint8 field"
     if size is not None and shape[:2] != (size, size):
@@ -64,10 +70,18 @@ def cache_one(image_dir: str | os.PathLike, image_id: str, cache_path: str | os.
 def load_cached(cache_path: str | os.PathLike, mmap: bool = False, size: int | None = None) -> np.ndarray:
     """Load one cached field; with `mmap` the pixels are read lazily from disk. A damaged file raises
     ImageReadError (with `size`, also a file whose field is not size x size)."""
-    problem = cache_file_problem(cache_path, size)
+    try:  # np.load parses the header anyway: no second open on this hot path
+        field = np.load(cache_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        problem = None
+    except (ValueError, OSError, EOFError) as error:
+        problem = _unreadable(error)
+    if problem is None and (field.dtype != np.uint8 or field.ndim != 3):
+        problem = f"holds {field.dtype} {field.shape}, not a (H, W, C) uint8 field"
+    if problem is None and size is not None and field.shape[:2] != (size, size):
+        problem = f"holds a {field.shape[0]}x{field.shape[1]} field, not {size}x{size}"
     if problem:
         raise ImageReadError(cache_path, f"damaged cache file, {problem}: rerun src.preprocessing.cache_images")
-    return np.load(cache_path, mmap_mode="r" if mmap else None)
+    return field
 
 
 def _load_or_none(cache_path: Path, size: int, mmap: bool = False) -> np.ndarray | None:
