@@ -37,6 +37,9 @@ folds=$(seq -s, 0 "$last_fold")
 
 step() { echo; echo "=== $* ==="; }
 
+step "input check"
+$py -m src.preprocessing.check_inputs --dataset "$DATASET"
+
 step "preprocessing"
 for source in "" --test-data; do
   for size in "$IMAGE_SIZE" $FULL_CACHE_SIZE; do

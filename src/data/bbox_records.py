@@ -140,6 +140,8 @@ def write_record(path: str | os.PathLike, record: BBoxRecord, compresslevel: int
 def read_record(path: str | os.PathLike, load_mask: bool = True) -> BBoxRecord:
     """Read one record; with load_mask=False the (large) cell mask is not decompressed."""
     path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path):  # else np.load would try it as .npy or a pickle
+        raise RecordError(f"{path}: not a bbox record (not a zip archive: empty, truncated or another kind of file)")
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = set(_ARRAYS) - {name[:-4] for name in data.zip.namelist()}
@@ -227,6 +229,8 @@ def cell_crop_mask(record: BBoxRecord, cell_i: int, field_shape: tuple[int, int]
     if field_shape is None or tuple(field_shape) == (height, width):
         return (y0, x0, y1, x1), record.cell_mask[y0:y1, x0:x1]
     fy, fx = field_shape[0] / height, field_shape[1] / width
+    if field_shape[0] == field_shape[1] and height != width:  # the aspect-kept square (images.fit_in_square)
+        fy = fx = field_shape[0] / max(height, width)
     box = (int(np.floor(y0 * fy)), int(np.floor(x0 * fx)),
            min(int(np.ceil(y1 * fy)), field_shape[0]), min(int(np.ceil(x1 * fx)), field_shape[1]))
     rows = _sample_grid(box[0], box[2], fy, height)

@@ -1,44 +1,112 @@
 """Decoded-image cache: one `.npy` file per field, (size, size, C) uint8, written atomically.
 
 `.npy` loads without decoding and can be memory-mapped, so a crop reads only the rows it needs.
+A non-square field is stored with its aspect kept (`images.fit_in_square`: long side = size, zero
+padding at the bottom or right). A damaged file (empty, truncated, not `.npy`, wrong shape) is found
+from its header and length: `cache_one` rebuilds it and `load_field` decodes the field instead, with
+one warning line.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from src.data.images import RGBY, read_field
+from src.data.images import RGBY, ImageReadError, fit_in_square, read_field
 from src.data.schema import DatasetLayout
 from src.utils.io import save_npy_atomic
+
+log = logging.getLogger(__name__)
+_warned: set[Path] = set()
+
+
+def _unreadable(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    # numpy takes a file without the .npy magic string for a pickle; say what it is
+    return "not a .npy file (no .npy header)" if "pickle" in text else f"not a readable .npy file ({text})"
+
+
+def cache_file_problem(cache_path: str | os.PathLike, size: int | None = None) -> str | None:
+    """Why a cache file cannot be used, or None: its `.npy` header must parse, describe uint8 (H, W, C)
+    data (H = W = size when given), and the file must hold exactly the bytes it announces."""
+    try:
+        with open(cache_path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read_header(handle)
+            expected = handle.tell() + int(np.prod(shape)) * dtype.itemsize
+            actual = os.fstat(handle.fileno()).st_size
+    except (ValueError, OSError, EOFError) as error:
+        return _unreadable(error)
+    if dtype != np.uint8 or len(shape) != 3 or fortran_order:
+        return f"holds {dtype} {shape}, not a (H, W, C) uint8 field"
+    if size is not None and shape[:2] != (size, size):
+        return f"holds a {shape[0]}x{shape[1]} field, not {size}x{size}"
+    if actual != expected:
+        return f"{actual} bytes where its header announces {expected} (truncated or padded)"
+    return None
 
 
 def cache_one(image_dir: str | os.PathLike, image_id: str, cache_path: str | os.PathLike, size: int | None,
               channels: Sequence[str] = RGBY) -> bool:
-    """Decode, resize and store one field unless already cached. Returns True when it wrote the file."""
+    """Decode, fit to `size` (aspect kept) and store one field unless a sound copy is already cached.
+    Returns True when it wrote the file (a damaged file is rewritten)."""
     cache_path = Path(cache_path)
-    if cache_path.is_file():
+    if cache_path.is_dir():
+        raise ImageReadError(cache_path, "a folder stands where the cache file goes; remove it")
+    if cache_path.is_file() and cache_file_problem(cache_path, size) is None:
         return False
-    field = read_field(image_dir, image_id, channels=channels, size=size)
+    field = read_field(image_dir, image_id, channels=channels)
+    if size is not None:
+        field = fit_in_square(field, size)
     save_npy_atomic(np.ascontiguousarray(field), cache_path)
     return True
 
 
-def load_cached(cache_path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
-    """Load one cached field; with `mmap` the pixels are read lazily from disk."""
-    return np.load(cache_path, mmap_mode="r" if mmap else None)
+def load_cached(cache_path: str | os.PathLike, mmap: bool = False, size: int | None = None) -> np.ndarray:
+    """Load one cached field; with `mmap` the pixels are read lazily from disk. A damaged file raises
+    ImageReadError (with `size`, also a file whose field is not size x size)."""
+    try:  # np.load parses the header anyway: no second open on this hot path
+        field = np.load(cache_path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        problem = None
+    except (ValueError, OSError, EOFError) as error:
+        problem = _unreadable(error)
+    if problem is None and (field.dtype != np.uint8 or field.ndim != 3):
+        problem = f"holds {field.dtype} {field.shape}, not a (H, W, C) uint8 field"
+    if problem is None and size is not None and field.shape[:2] != (size, size):
+        problem = f"holds a {field.shape[0]}x{field.shape[1]} field, not {size}x{size}"
+    if problem:
+        raise ImageReadError(cache_path, f"damaged cache file, {problem}: rerun src.preprocessing.cache_images")
+    return field
+
+
+def _load_or_none(cache_path: Path, size: int, mmap: bool = False) -> np.ndarray | None:
+    """The cached field, or None when absent or damaged (said once per file and process)."""
+    if not cache_path.is_file():
+        return None
+    try:
+        return load_cached(cache_path, mmap=mmap, size=size)
+    except ImageReadError as error:
+        if cache_path not in _warned:
+            _warned.add(cache_path)
+            log.warning("%s; decoding the field instead", error)
+        return None
 
 
 def load_field(layout: DatasetLayout, source: str, image_id: str, size: int | None = None,
                channels: Sequence[str] = RGBY) -> np.ndarray:
-    """A field from the cache of this size when it holds it, else decoded from the channel files."""
+    """A field at (size, size) (aspect kept, as cached) from the cache when it holds a sound copy, else
+    decoded from the channel files; at its own size when `size` is None."""
     if size is not None and tuple(channels) == RGBY:
-        cache_path = layout.cache_path(size, image_id)
-        if cache_path.is_file():
-            return load_cached(cache_path)
-    return read_field(layout.image_dir(source), image_id, channels=channels, size=size)
+        cached = _load_or_none(layout.cache_path(size, image_id), size)
+        if cached is not None:
+            return cached
+    field = read_field(layout.image_dir(source), image_id, channels=channels)
+    return field if size is None else fit_in_square(field, size)
 
 
 def load_full_resolution(layout: DatasetLayout, source: str, image_id: str, shape: tuple[int, int],
@@ -47,6 +115,8 @@ def load_full_resolution(layout: DatasetLayout, source: str, image_id: str, shap
     `mmap`, memory-mapped, for reading one crop), else decoded without resizing (a non-square field is
     never squeezed into a square cache)."""
     height, width = shape
-    if height == width and layout.cache_path(height, image_id).is_file():
-        return load_cached(layout.cache_path(height, image_id), mmap=mmap)
+    if height == width:
+        cached = _load_or_none(layout.cache_path(height, image_id), height, mmap=mmap)
+        if cached is not None:
+            return cached
     return read_field(layout.image_dir(source), image_id)

@@ -40,6 +40,14 @@ def channel_path(image_dir: str | os.PathLike, image_id: str, channel: str) -> P
                          f"missing (no {image_id}_{channel}.{{{','.join(EXTENSIONS)}}})")
 
 
+def check_field_files(image_dir: str | os.PathLike, image_id: str, channels: Sequence[str] = RGBY) -> None:
+    """Raise ImageReadError unless every channel file of the field exists and is not empty (no decoding)."""
+    for channel in channels:
+        path = channel_path(image_dir, image_id, channel)
+        if path.stat().st_size == 0:
+            raise ImageReadError(path, "zero-byte file")
+
+
 def to_uint8(plane: np.ndarray) -> np.ndarray:
     """uint8 unchanged; uint16 -> round(x / 257); float in [0, 1] -> round(x * 255)."""
     if plane.dtype == np.uint8:
@@ -110,6 +118,19 @@ def resize_field(field: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
              for i in range(0, channels, 4)]
     parts = [p[..., None] if p.ndim == 2 else p for p in parts]
     return np.concatenate(parts, axis=-1)
+
+
+def fit_in_square(field: np.ndarray, size: int) -> np.ndarray:
+    """(size, size, C): the field scaled by one factor so that its long side is `size`, at the top left
+    of a zero square, so a non-square field keeps its aspect. A square field is simply resized."""
+    height, width = field.shape[:2]
+    if height == width:
+        return resize_field(field, size)
+    scale = size / max(height, width)
+    inner = resize_field(field, (max(1, round(height * scale)), max(1, round(width * scale))))
+    square = np.zeros((size, size) + field.shape[2:], field.dtype)
+    square[:inner.shape[0], :inner.shape[1]] = inner
+    return square
 
 
 def write_channel(path: str | os.PathLike, plane: np.ndarray) -> None:

@@ -5,10 +5,11 @@ A dataset folder (default `input/synthetic`) holds what users have plus what ear
     train.csv                    ID,Label                  image-level labels ('|'-joined class ids)
     train/{ID}_{channel}.png     one file per channel      (tif/tiff/jpg also read)
     public.csv, public/          optional public HPA data  same layout, source "public"
-    test.csv, test/              images to predict         ID,ImageWidth,ImageHeight
+    test.csv, test/              images to predict         ID,ImageWidth,ImageHeight (sizes optional)
     folds.csv                    ID,source,fold            image-level folds (fold in 0..K-1)
     duplicates.csv               ID_a,ID_b,transform,dist_red,dist_green,dist_blue
     cache_{size}/{ID}.npy        (size, size, C) uint8     decoded-image cache, C channels in RGBY order
+                                                           (non-square: aspect kept, zero-padded)
     truth/                       synthetic data only: cell-level truth
         masks/{ID}.png           uint16 cell label mask (0 = background, cells 1..n)
         cell_labels.csv          ID,split,cell_id,labels

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from src.data.bbox_records import list_record_ids, read_record, record_path
 from src.data.cache import load_field
+from src.data.classes import NUM_CLASSES
 from src.data.images import ImageReadError
 from src.data.schema import DatasetLayout, OutputLayout
 from src.predict import pseudo_label_store as store
@@ -86,22 +87,26 @@ def predict_images(model: torch.nn.Module, loader, final_path: Path, shard_name:
         nonlocal pending, pending_cells
         if not pending:
             return
-        inputs = torch.cat([item["inputs"] for item in pending])
-        probabilities, embeddings = [], []
-        for start in range(0, len(inputs), batch_size):
-            batch = inputs[start:start + batch_size].to(device, non_blocking=True)
-            p, e = predict_views(model, batch, views, amp_dtype)
-            probabilities.append(p.cpu())
-            embeddings.append(e.cpu())
-        counts = [len(item["inputs"]) for item in pending]
+        with_cells = [item for item in pending if len(item["inputs"])]
+        empty = [item["image_id"] for item in pending if not len(item["inputs"])]
+        probabilities, embeddings = [torch.zeros(0, NUM_CLASSES)], [torch.zeros(0, 0)]
+        if with_cells:
+            inputs = torch.cat([item["inputs"] for item in with_cells])
+            probabilities, embeddings = [], []
+            for start in range(0, len(inputs), batch_size):
+                batch = inputs[start:start + batch_size].to(device, non_blocking=True)
+                p, e = predict_views(model, batch, views, amp_dtype)
+                probabilities.append(p.cpu())
+                embeddings.append(e.cpu())
+        counts = [len(item["inputs"]) for item in with_cells]
         rows = store.CellRows(
-            image_id=store.encode_ids(np.repeat([item["image_id"] for item in pending], counts)),
-            cell_i=np.concatenate([np.arange(n, dtype=np.int32) for n in counts]),
-            source=np.repeat([store.SOURCE_CODES[item["source"]] for item in pending], counts).astype(np.uint8),
-            fold=np.repeat([item["fold"] for item in pending], counts).astype(np.int8),
+            image_id=store.encode_ids(np.repeat([item["image_id"] for item in with_cells], counts)),
+            cell_i=np.concatenate([np.arange(n, dtype=np.int32) for n in counts] or [np.zeros(0, np.int32)]),
+            source=np.repeat([store.SOURCE_CODES[item["source"]] for item in with_cells], counts).astype(np.uint8),
+            fold=np.repeat([item["fold"] for item in with_cells], counts).astype(np.int8),
             predictions=torch.cat(probabilities).numpy().astype(np.float16),
             embeddings=torch.cat(embeddings).numpy().astype(np.float16))
-        store.write_part(final_path, shard_name, rows)
+        store.write_part(final_path, shard_name, rows, empty)
         pending, pending_cells = [], 0
         if crash_after and len(list(store.parts_dir(final_path).glob(f"{shard_name}-*.h5"))) >= crash_after:
             os._exit(17)

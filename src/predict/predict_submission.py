@@ -28,6 +28,7 @@ from src.data.bbox_records import masked_crop, read_record, record_path
 from src.data.cache import load_field, load_full_resolution
 from src.data.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES
 from src.data.images import ImageReadError
+from src.data.labels import read_test_table
 from src.data.schema import DatasetLayout, OutputLayout
 from src.evaluation.rle import encode_mask
 from src.predict.cell_inputs import EXTRA_TTA_VIEWS, TTA_VIEWS, cell_inputs, cellwise_input, predict_views
@@ -99,8 +100,8 @@ def draw_overlay(field: np.ndarray, cell_mask: np.ndarray, probabilities: np.nda
 
 
 def test_table(layout: DatasetLayout) -> pd.DataFrame:
-    if layout.test_csv.is_file():
-        return pd.read_csv(layout.test_csv, dtype={"ID": str})
+    if layout.test_csv.exists():
+        return read_test_table(layout.test_csv)  # NaN sizes when the table has none: taken from the records
     ids = sorted({p.name.rsplit("_", 1)[0] for p in layout.image_dir("test").glob("*_blue.*")})
     if not ids:
         raise UserInputError(f"no test.csv and no *_blue.* files in {layout.image_dir('test')}")

@@ -4,7 +4,8 @@ Prediction writes *part files* `{final}.parts/{shard}-{k:05d}.h5`, each holding 
 each written under a temporary name then renamed, so a killed run leaves only complete parts; a
 rerun skips the images found in them. `unify` merges the parts into the one final file (chunked,
 compressed, rows of an image contiguous, `images` index with each image's first row and count),
-again through a temporary name.
+again through a temporary name. An image with no cell has no rows but is in the index with count 0,
+so it is stored as predicted (not lost), and counted.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from src.utils.io import atomic_path
 ID_DTYPE = "S64"
 SOURCE_CODES = {"train": 0, "public": 1, "test": 2}
 ROW_CHUNK = 1024  # rows per HDF5 chunk: one image's rows usually sit in one or two chunks
+EMPTY_IMAGES = "empty_image_id"  # part files: IDs of images whose record has no cell (index count 0)
 
 
 @dataclass
@@ -54,8 +56,8 @@ def parts_dir(final_path: str | os.PathLike) -> Path:
     return final_path.with_name(final_path.name + ".parts")
 
 
-def write_part(final_path: str | os.PathLike, shard: str, rows: CellRows) -> Path:
-    """Write one complete part file atomically; returns its path."""
+def write_part(final_path: str | os.PathLike, shard: str, rows: CellRows, empty_images=()) -> Path:
+    """Write one complete part file atomically (with the IDs of images that have no cell); returns its path."""
     folder = parts_dir(final_path)
     folder.mkdir(parents=True, exist_ok=True)
     index = len(list(folder.glob(f"{shard}-*.h5")))
@@ -64,12 +66,20 @@ def write_part(final_path: str | os.PathLike, shard: str, rows: CellRows) -> Pat
         with h5py.File(tmp, "w") as handle:
             for name in CellRows.__dataclass_fields__:
                 handle.create_dataset(name, data=getattr(rows, name))
+            handle.create_dataset(EMPTY_IMAGES, data=encode_ids(empty_images), dtype=ID_DTYPE)
     return path
 
 
 def read_rows(path: str | os.PathLike) -> CellRows:
     with h5py.File(path, "r") as handle:
         return CellRows(*(handle[name][...] for name in CellRows.__dataclass_fields__))
+
+
+def _empty_images(handle: h5py.File) -> np.ndarray:
+    """IDs (S64) of the images stored with no cell: count 0 in a final file's index, or a part's list."""
+    if "images/count" in handle:
+        return handle["images/image_id"][...][handle["images/count"][...] == 0]
+    return handle[EMPTY_IMAGES][...] if EMPTY_IMAGES in handle else np.zeros(0, ID_DTYPE)
 
 
 def committed_images(final_path: str | os.PathLike) -> set[str]:
@@ -82,6 +92,7 @@ def committed_images(final_path: str | os.PathLike) -> set[str]:
     for part in sorted(parts_dir(final_path).glob("*.h5")):
         with h5py.File(part, "r") as handle:
             done |= {i.decode() for i in np.unique(handle["image_id"][...])}
+            done |= {i.decode() for i in _empty_images(handle)}
     return done
 
 
@@ -115,6 +126,17 @@ def unify(final_path: str | os.PathLike, compression: str | None = "gzip") -> in
                         next_row += int(count)
                 _append(handle, rows, keep, compression)
                 total += int(keep.sum())
+                with h5py.File(source, "r") as source_handle:
+                    empty = _empty_images(source_handle)
+                for image_id in empty:
+                    if image_id not in seen:
+                        seen.add(image_id)
+                        image_ids.append(image_id)
+                        starts.append(total)
+                        counts.append(0)
+            if "image_id" not in handle:  # not one cell in any image
+                for name in CellRows.__dataclass_fields__:
+                    handle.create_dataset(name, data=getattr(rows, name)[:0])
             handle.create_dataset("images/image_id", data=np.array(image_ids, dtype=ID_DTYPE))
             handle.create_dataset("images/start", data=np.array(starts, dtype=np.int64))
             handle.create_dataset("images/count", data=np.array(counts, dtype=np.int32))
@@ -127,6 +149,8 @@ def unify(final_path: str | os.PathLike, compression: str | None = "gzip") -> in
 
 
 def _append(handle: h5py.File, rows: CellRows, keep: np.ndarray, compression: str | None) -> None:
+    if not keep.any():
+        return  # a part of images with no cell may not know the embedding width: add nothing
     for name in CellRows.__dataclass_fields__:
         data = getattr(rows, name)[keep]
         if name not in handle:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from src.data.cache import load_field
 from src.data.images import ImageReadError
-from src.data.labels import read_label_tables
+from src.data.labels import LabelTableError, read_csv_table, read_label_tables
 from src.data.schema import DUPLICATES_COLUMNS, DatasetLayout
 from src.utils.io import run_cli, setup_logging, write_csv_atomic
 
@@ -86,7 +86,12 @@ def find_pairs(image_ids: list[str], codes: np.ndarray, max_distance: int = 12) 
 
 
 def read_duplicates(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"ID_a": str, "ID_b": str})
+    """duplicates.csv, checked like every input table (LabelTableError naming the file and line)."""
+    pairs = read_csv_table(path, DUPLICATES_COLUMNS, what="duplicates table")
+    try:
+        return pairs.astype({name: np.int64 for name in DUPLICATES_COLUMNS[3:]})
+    except ValueError as error:
+        raise LabelTableError(f"{path}: a distance is not an integer ({error})") from None
 
 
 def ids_to_drop(pairs: pd.DataFrame) -> set[str]:

@@ -2,8 +2,10 @@
 
     python -m src.preprocessing.cache_images --dataset input/synthetic --size 1024 [--public-data]
 
-Resumable: fields already cached are skipped. Unreadable fields are logged, listed in
-`cache_{size}/failed_{source}.csv`, and make the exit code 1.
+Resumable: fields already cached are skipped; damaged cache files (empty, truncated, wrong shape) are
+rebuilt, with one warning line. A non-square field keeps its aspect (long side = --size, zero padding
+at the bottom or right). Unreadable fields are logged, listed in `cache_{size}/failed_{source}.csv`,
+and make the exit code 1.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pandas as pd
 from tqdm import tqdm
 
-from src.data.cache import cache_one
+from src.data.cache import cache_file_problem, cache_one
 from src.data.images import ImageReadError
 from src.data.labels import source_image_ids
 from src.data.schema import DatasetLayout
@@ -38,8 +40,16 @@ def cache_dataset(layout: DatasetLayout, source: str, size: int, workers: int = 
     ids = source_image_ids(layout, source)
     ids = ids[:limit] if limit else ids
     image_dir = layout.image_dir(source)
-    tasks = [(image_dir, image_id, layout.cache_path(size, image_id), size) for image_id in ids
-             if not layout.cache_path(size, image_id).is_file()]
+    tasks, damaged = [], []
+    for image_id in ids:
+        path = layout.cache_path(size, image_id)
+        problem = cache_file_problem(path, size) if path.exists() else "absent"
+        if problem:
+            tasks.append((image_dir, image_id, path, size))
+        if problem not in (None, "absent"):
+            damaged.append(f"{path}: {problem}")
+    if damaged:
+        log.warning("rebuilding %d damaged cache file(s) (first: %s)", len(damaged), damaged[0])
     log.info("%s: %d of %d fields to cache at %d px in %s", source, len(tasks), len(ids), size, layout.cache_dir(size))
     failures = []
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Inline() as pool:

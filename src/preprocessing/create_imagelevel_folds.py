@@ -6,6 +6,7 @@
 The stratification target is the 19 labels plus an is-public flag. Writes `folds.csv`
 (ID,source,fold); the same inputs and seed give the same file. With `--drop-duplicates`, all but
 one image of each group in `duplicates.csv` are left out of the folds (and so out of training).
+Images whose channel files are missing or empty are left out too, with a warning line.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from src.data.labels import labels_to_multihot, read_label_tables
 from src.data.schema import DatasetLayout
 from src.preprocessing.bestfitting_duplicates_search import ids_to_drop, read_duplicates
+from src.preprocessing.check_inputs import missing_image_files
 from src.utils.io import UserInputError, run_cli, setup_logging, write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,18 @@ def assign_folds(table: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> pd.Dat
     return pd.DataFrame({"ID": table["ID"], "source": table["source"], "fold": folds})
 
 
+def with_image_files(layout: DatasetLayout, table: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose four channel files exist (and are not empty); the others are left out with one
+    warning line, so an ID without images never enters folds.csv."""
+    problems = {}
+    for source, rows in table.groupby("source"):
+        problems.update(missing_image_files(layout, source, rows["ID"].tolist()))
+    if problems:
+        first = next(iter(problems.values()))
+        log.warning("left out %d of %d images with no usable image files (first: %s)", len(problems), len(table), first)
+    return table[~table["ID"].isin(problems)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="input/synthetic", help="dataset folder (default: %(default)s)")
@@ -56,7 +70,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     layout = DatasetLayout(args.dataset)
-    table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
+    table = with_image_files(layout, read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None))
     if args.drop_duplicates:
         if not layout.duplicates_csv.is_file():
             raise UserInputError(f"{layout.duplicates_csv} not found: run src.preprocessing.bestfitting_duplicates_search first")

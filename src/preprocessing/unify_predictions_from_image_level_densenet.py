@@ -47,7 +47,9 @@ def unify_and_report(final_path: Path) -> int:
     n_cells = store.unify(final_path)
     with store.PseudoLabels(final_path) as labels:
         plot_histograms(labels.column("predictions"), final_path.with_name(final_path.stem + "_hist.png"))
-        log.info("%s: %d cells of %d images", final_path, n_cells, len(labels.image_index))
+        no_cells = sum(count == 0 for _, count in labels.image_index.values())
+        log.info("%s: %d cells of %d images (%d of them with no cell)", final_path, n_cells,
+                 len(labels.image_index), no_cells)
     return n_cells
 
 

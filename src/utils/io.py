@@ -13,6 +13,19 @@ import numpy as np
 import pandas as pd
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only swap it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `final_path`; rename it onto `final_path` only on success.
@@ -27,6 +40,7 @@ def atomic_path(final_path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp_name)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600; an output gets open()'s mode
         os.replace(tmp_path, final_path)
     finally:
         if tmp_path.exists():
@@ -63,7 +77,8 @@ def run_cli(main, argv=None) -> None:
 
     try:
         code = main(argv)
-    except (UserInputError, ImageReadError, LabelTableError, FileNotFoundError) as error:
+    except (UserInputError, ImageReadError, LabelTableError, FileNotFoundError, IsADirectoryError,
+            NotADirectoryError, PermissionError) as error:  # the last four: a path the user gave is wrong
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
