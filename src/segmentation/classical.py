@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
-from skimage.morphology import local_maxima, reconstruction
+from skimage.morphology import local_maxima
 from skimage.segmentation import watershed
 
 from src.segmentation.postprocess import drop_small_relative, finish_masks, keep_labels, object_areas
@@ -77,6 +77,21 @@ def _threshold(plane: np.ndarray, factor: float, min_contrast: float) -> float:
     return max(float(threshold_otsu(sample)) * factor, low + min_contrast)
 
 
+def reconstruct_by_dilation(marker: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Greyscale reconstruction by dilation of `marker` under `mask` (8-connected), float32: the
+    same fixed point as skimage.morphology.reconstruction, reached by repeated 3x3 dilations, which
+    is several times faster on distance maps (their plateaus are short) than skimage's sort."""
+    mask = np.ascontiguousarray(mask, np.float32)
+    current = np.minimum(np.asarray(marker, np.float32), mask)
+    kernel = np.ones((3, 3), np.uint8)
+    while True:
+        previous = current
+        for _ in range(8):
+            current = np.minimum(cv2.dilate(current, kernel), mask)
+        if np.array_equal(current, previous):
+            return current
+
+
 def split_touching(mask: np.ndarray, depth: float, max_neck: float = 0.8) -> np.ndarray:
     """Label `mask`, splitting blobs at distance-transform peaks that rise more than `depth` px above
     the saddle between them (h-maxima), then merging back pieces joined by a neck wider than
@@ -88,7 +103,7 @@ def split_touching(mask: np.ndarray, depth: float, max_neck: float = 0.8) -> np.
     # h-maxima = regional maxima of the reconstruction of (distance - depth) under distance.
     # (skimage's h_maxima keeps every top of equal height, so it would split blobs whose distance
     # map has two equal peaks joined by a ridge.)
-    capped = reconstruction(np.maximum(distance - depth, 0), distance, method="dilation")
+    capped = reconstruct_by_dilation(np.maximum(distance - depth, 0), distance)
     markers, count = ndi.label(local_maxima(capped, connectivity=2) & mask, structure=np.ones((3, 3)))
     if count <= 1:
         return ndi.label(mask)[0]
