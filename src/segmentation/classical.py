@@ -9,7 +9,10 @@ nucleus), where signal = smoothed red + yellow (+ green), claims each cell's ter
 background's noise floor and splits touching cells between their nuclei (along dim gaps where there
 are some, half-way otherwise); each cell then ends where its signal falls to a fraction of its own
 contrast above background, never above the field-wide edge (a quarter of the Otsu threshold), so a
-faint cell keeps its faint cytoplasm. The shared clean-up (postprocess.finish_masks) follows.
+faint cell keeps its faint cytoplasm. The cells' smoothing and distance scale follow the median
+nucleus radius, not the field size, and a field whose nuclei are small at the working scale (a
+dense colony, a lower magnification) is looked at again up to `max_zoom` x finer. The shared
+clean-up (postprocess.finish_masks) follows.
 Everything runs at a working scale (`work_size` px on the long side, never upsampled); labels are
 upscaled with nearest neighbour except in a band along the outlines, where each full-resolution
 pixel is decided by the bilinearly upscaled signal (postprocess.refine_upscale): no stair steps.
@@ -39,6 +42,8 @@ class ClassicalParams:
     """Parameters of the classical backend; lengths in px at a 512-px working image."""
 
     work_size: int = 512                 # long side of the working image, px (fields are never upsampled)
+    min_nucleus_radius: float = 16.0     # median nuclei smaller than this (px at 512) are looked at again finer ...
+    max_zoom: float = 2.0                # ... at up to this x work_size (capped at the field size)
     nucleus_sigma: float = 1.5           # Gaussian smoothing of the blue channel
     nucleus_threshold: float = 0.5       # factor on the Otsu threshold of the smoothed blue channel (seeds)
     nucleus_edge_fraction: float = 0.5   # each nucleus ends at this x its own level (half maximum); 0 = off
@@ -46,11 +51,11 @@ class ClassicalParams:
     split_depth: float = 0.15            # ... that rise this fraction of the median nucleus radius above the saddle
     split_max_neck: float = 0.8          # ... unless joined by a neck wider than this x the smaller piece's diameter
     min_nucleus_fraction: float = 0.15   # drop nuclei below this fraction of the image's median nucleus area
-    cell_sigma: float = 2.5              # Gaussian smoothing of the cell signal
+    cell_sigma: float = 0.1              # Gaussian smoothing of the cell signal, x the median nucleus radius
     cell_threshold: float = 0.25         # factor on the Otsu threshold of the smoothed cell signal (the field-wide edge)
     cell_edge_fraction: float = 0.1      # a cell ends where its signal falls below this x its own level
     use_green: bool = False              # add the protein channel to the cell signal
-    distance_weight: float = 0.5         # elevation = -signal/p99.5 + weight * distance to nuclei / (field side / 4)
+    distance_weight: float = 0.5         # elevation = -signal/p99.5 + weight * distance to nuclei / (5 median nucleus radii)
     min_border_cell_fraction: float = 0.15 # drop border cells below this fraction of the median inner cell area
     min_nucleus_contrast: float = 12.0   # nuclei must be this many 8-bit grey levels above the background
     min_cell_contrast: float = 0.05      # cell signal must rise this fraction of its 99.5th percentile
@@ -245,19 +250,22 @@ def segment_cells(field: np.ndarray, nuclei: np.ndarray, params: ClassicalParams
     a faint cell next to bright ones keeps its faint cytoplasm, a bright one its crisp edge.
     """
     empty = np.zeros(1, np.float32)
-    signal = _smooth(cell_signal(field, params), params.cell_sigma * unit)
+    # Lengths follow the cells' own size (the median nucleus radius), not the field's: dense
+    # colonies of small cells are smoothed no more, relative to their size, than large cells.
+    radius = median_radius(nuclei) or 25.0 * unit
+    signal = _smooth(cell_signal(field, params), params.cell_sigma * radius)
     if nuclei.max() == 0:
         return np.zeros(nuclei.shape, np.uint16), signal, empty
     top = max(float(np.percentile(signal[::2, ::2], 99.5)), 1e-6)
     field_threshold = _threshold(signal, params.cell_threshold, params.min_cell_contrast * top)
     if not np.isfinite(field_threshold):
         return np.zeros(nuclei.shape, np.uint16), signal, empty
-    background, floor = background_level(signal, field_threshold, 4.0 * params.cell_sigma * unit, top)
+    background, floor = background_level(signal, field_threshold, 4.0 * params.cell_sigma * radius, top)
     territory = ndi.binary_fill_holes((signal > floor) | (nuclei > 0))
     elevation = -signal / top
     if params.distance_weight > 0:
         to_nuclei = cv2.distanceTransform((nuclei == 0).astype(np.uint8), cv2.DIST_L2, 5)
-        elevation = elevation + params.distance_weight * to_nuclei / (0.25 * max(nuclei.shape))
+        elevation = elevation + params.distance_weight * to_nuclei / (5.0 * radius)
     cells = watershed(elevation, nuclei.astype(np.int32), mask=territory)
     count = int(cells.max()) + 1
     weight = np.bincount(cells.ravel(), weights=signal.ravel(), minlength=count)
@@ -269,6 +277,21 @@ def segment_cells(field: np.ndarray, nuclei: np.ndarray, params: ClassicalParams
     return cells.astype(np.uint16), signal, edge
 
 
+def _shrink(field: np.ndarray, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """The RGBY planes at `shape` (area-averaged), float32 on the 8-bit scale."""
+    small = field[..., :4]
+    if shape != field.shape[:2]:
+        small = cv2.resize(np.ascontiguousarray(small), (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return small.astype(np.float32) * np.float32(scale)
+
+
+def median_radius(labels: np.ndarray) -> float:
+    """Equivalent radius (px) of the median object of a label mask; 0 when there is none."""
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas > 0]
+    return float(np.sqrt(np.median(areas) / np.pi)) if areas.size else 0.0
+
+
 def segment_field(field: np.ndarray, params: ClassicalParams = ClassicalParams()) -> tuple[np.ndarray, np.ndarray]:
     """Segment one (H, W, 4) RGBY field (uint8 or uint16). Returns full-resolution (nuclei, cells)
     uint16 label masks; nucleus k lies inside cell k, labels 1..n, 0 = background."""
@@ -277,12 +300,20 @@ def segment_field(field: np.ndarray, params: ClassicalParams = ClassicalParams()
     full_shape = field.shape[:2]
     work_shape = working_shape(full_shape, params.work_size)
     scale = 255.0 / 65535.0 if field.dtype == np.uint16 else 1.0
-    small = field[..., :4]
-    if work_shape != full_shape:
-        small = cv2.resize(np.ascontiguousarray(small), (work_shape[1], work_shape[0]), interpolation=cv2.INTER_AREA)
-    small = small.astype(np.float32) * np.float32(scale)
+    small = _shrink(field, work_shape, scale)
     unit = max(work_shape) / REFERENCE_WORK_SIZE
     nuclei = segment_nuclei(np.ascontiguousarray(small[..., 2]), params, unit)
+    radius = median_radius(nuclei)
+    if 0 < radius < params.min_nucleus_radius * unit:
+        # Small cells (a dense colony, a lower magnification): look again at a finer scale, with the
+        # same lengths in pixels, so the nuclei are as many pixels across as usual and the gaps
+        # between them survive the downscale.
+        zoom = min(params.max_zoom, params.min_nucleus_radius * unit / radius)
+        finer = working_shape(full_shape, int(round(params.work_size * zoom)))
+        if finer != work_shape:
+            work_shape = finer
+            small = _shrink(field, work_shape, scale)
+            nuclei = segment_nuclei(np.ascontiguousarray(small[..., 2]), params, unit)
     cells, signal, edge = segment_cells(small, nuclei, params, unit)
     nuclei, kept = finish_masks(nuclei, cells, work_shape, params.min_border_cell_fraction)
     # finish_masks renumbers the cells it keeps; carry each one's edge threshold along.
