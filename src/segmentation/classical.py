@@ -18,7 +18,8 @@ upscaled with nearest neighbour except in a band along the outlines, where each 
 pixel is decided by the bilinearly upscaled signal (postprocess.refine_upscale): no stair steps.
 
 Lengths in `ClassicalParams` are in pixels of a 512-px working image and are scaled with the actual
-working size, so a parameter means the same fraction of the field at 256, 512, 1728, 2048 or 3072 px.
+working size, so a parameter means the same fraction of the field at 256, 512, 1728, 2048 or 3072 px
+(except `cell_sigma`, relative to the median nucleus radius, and lengths after a zoom, see above).
 """
 from __future__ import annotations
 
