@@ -219,3 +219,23 @@ def test_refine_upscale_draws_outlines_at_full_resolution():
     assert np.array_equal(refined > 0, truth)
     assert ((nearest > 0) != truth).sum() > 50
     assert refined.dtype == np.uint16 and set(np.unique(refined)) == {0, 1}
+
+
+def test_small_cells_are_looked_at_again_finer(monkeypatch):
+    """A dense field of small cells (nuclei under min_nucleus_radius at the working scale) is
+    segmented a second time at a finer scale, and its cells still match the truth."""
+    from src.data.synthetic import SyntheticConfig, make_field
+    from src.segmentation import classical
+
+    field, truth, _ = make_field(np.random.default_rng(0),
+                                 SyntheticConfig(image_size=1024, cells_min=60, cells_max=80, cell_radius=0.04))
+    shapes = []
+    real = classical.segment_nuclei
+    monkeypatch.setattr(classical, "segment_nuclei", lambda blue, *args: shapes.append(blue.shape) or real(blue, *args))
+    cells = classical.segment_field(field)[1]
+    assert shapes[0] == (512, 512) and len(shapes) == 2 and 512 < shapes[1][0] <= 1024
+    stats = match_masks(truth, cells)
+    assert stats.match_rate >= 0.95 and stats.spurious_rate <= 0.05, stats
+    shapes.clear()
+    classical.segment_field(field, ClassicalParams(max_zoom=1.0))
+    assert shapes == [(512, 512)]

@@ -47,14 +47,14 @@ class ClassicalParams:
     max_zoom: float = 2.0                # ... at up to this x work_size (capped at the field size)
     nucleus_sigma: float = 1.5           # Gaussian smoothing of the blue channel
     nucleus_threshold: float = 0.5       # factor on the Otsu threshold of the smoothed blue channel (seeds)
-    nucleus_edge_fraction: float = 0.5   # each nucleus ends at this x its own level (half maximum); 0 = off
+    nucleus_edge_fraction: float = 0.5   # each nucleus grows to this x its own contrast (half maximum); 0 = off
     split_nuclei: bool = True            # split touching nuclei at distance-transform peaks
     split_depth: float = 0.15            # ... that rise this fraction of the median nucleus radius above the saddle
     split_max_neck: float = 0.8          # ... unless joined by a neck wider than this x the smaller piece's diameter
     min_nucleus_fraction: float = 0.15   # drop nuclei below this fraction of the image's median nucleus area
     cell_sigma: float = 0.1              # Gaussian smoothing of the cell signal, x the median nucleus radius
     cell_threshold: float = 0.25         # factor on the Otsu threshold of the smoothed cell signal (the field-wide edge)
-    cell_edge_fraction: float = 0.1      # a cell ends where its signal falls below this x its own level
+    cell_edge_fraction: float = 0.1      # a cell ends where its signal falls to this x its own contrast
     use_green: bool = False              # add the protein channel to the cell signal
     distance_weight: float = 0.5         # elevation = -signal/p99.5 + weight * distance to nuclei / (5 median nucleus radii)
     min_border_cell_fraction: float = 0.15 # drop border cells below this fraction of the median inner cell area
@@ -64,6 +64,8 @@ class ClassicalParams:
     def __post_init__(self):
         if self.work_size < 32:
             raise ValueError("work_size must be >= 32 px")
+        if self.max_zoom < 1:
+            raise ValueError("max_zoom must be >= 1")
         for name in ("nucleus_sigma", "cell_sigma", "split_depth"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -246,9 +248,10 @@ def segment_cells(field: np.ndarray, nuclei: np.ndarray, params: ClassicalParams
 
     Returns (cells uint16, smoothed cell signal float32, edge threshold per label float32 with
     index 0 = background). A watershed seeded by the nuclei first claims each cell's territory
-    down to the noise floor; each cell then ends where its signal falls below `cell_edge_fraction`
-    of its own level (its intensity-weighted mean signal), capped by the field-wide threshold:
-    a faint cell next to bright ones keeps its faint cytoplasm, a bright one its crisp edge.
+    down to the noise floor; each cell then ends where its signal falls below background +
+    `cell_edge_fraction` x its own contrast (its intensity-weighted mean signal above background),
+    never above the field-wide threshold: a faint cell next to bright ones keeps its faint
+    cytoplasm, a bright one its crisp edge.
     """
     empty = np.zeros(1, np.float32)
     # Lengths follow the cells' own size (the median nucleus radius), not the field's: dense
