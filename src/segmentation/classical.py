@@ -326,4 +326,5 @@ def segment_field(field: np.ndarray, params: ClassicalParams = ClassicalParams()
     survivors[kept[both]] = cells[both]
     cells = refine_upscale(kept, signal, edge[survivors], full_shape)
     nuclei = upscale_labels(nuclei, full_shape)
-    return np.where(cells == nuclei, nuclei, 0).astype(np.uint16), cells
+    # A nucleus stays inside its cell even where the outline was redrawn across it (tiny cells).
+    return nuclei, np.where(nuclei > 0, nuclei, cells).astype(np.uint16)
