@@ -53,10 +53,10 @@ class ClassicalParams:
     split_max_neck: float = 0.8          # ... unless joined by a neck wider than this x the smaller piece's diameter
     min_nucleus_fraction: float = 0.15   # drop nuclei below this fraction of the image's median nucleus area
     cell_sigma: float = 0.1              # Gaussian smoothing of the cell signal, x the median nucleus radius
-    cell_threshold: float = 0.25         # factor on the Otsu threshold of the smoothed cell signal (the field-wide edge)
+    cell_threshold: float = 0.25         # x the Otsu threshold of the smoothed cell signal: the field-wide edge
     cell_edge_fraction: float = 0.1      # a cell ends where its signal falls to this x its own contrast
     use_green: bool = False              # add the protein channel to the cell signal
-    distance_weight: float = 0.5         # elevation = -signal/p99.5 + weight * distance to nuclei / (5 median nucleus radii)
+    distance_weight: float = 0.5         # elevation = -signal/p99.5 + this x distance to nuclei / 5 nucleus radii
     min_border_cell_fraction: float = 0.15 # drop border cells below this fraction of the median inner cell area
     min_nucleus_contrast: float = 12.0   # nuclei must be this many 8-bit grey levels above the background
     min_cell_contrast: float = 0.05      # cell signal must rise this fraction of its 99.5th percentile

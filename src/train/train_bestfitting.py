@@ -254,8 +254,8 @@ def run_training(args: argparse.Namespace, device: torch.device, dist_info, trai
              args.arch, args.batch_size * world * args.gradient_accumulation_steps, args.batch_size, world,
              args.gradient_accumulation_steps, args.loss, args.scheduler, args.scheduler_lr_multiplier,
              amp_dtype)
-    state = fit(model, optimizer, loss_fn or get_loss(args.loss), train_loader, valid_loader, lr_for_epoch, metrics_fn, cfg,
-                state, scaler)
+    state = fit(model, optimizer, loss_fn or get_loss(args.loss), train_loader, valid_loader, lr_for_epoch,
+                metrics_fn, cfg, state, scaler)
     if dist_info.is_main and state.best_epoch is not None:
         best = next(row for row in state.history if row["epoch"] == state.best_epoch)
         log.info("best epoch %d: %s; outputs in %s", state.best_epoch,
