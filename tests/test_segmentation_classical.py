@@ -165,3 +165,77 @@ def test_hpa_reference_match(hpa_samples, size):
         pairs.append((reference, segment_field(field, ClassicalParams())[1]))
     matched, _ = _pooled(pairs)
     assert matched >= 0.8, matched
+
+
+def test_reconstruct_by_dilation_equals_skimage():
+    """The fast reconstruction is the same fixed point as skimage's (slow reference)."""
+    from skimage.morphology import reconstruction
+
+    from src.segmentation.classical import reconstruct_by_dilation
+
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        mask = cv2.GaussianBlur(rng.random((67, 91)).astype(np.float32), (0, 0), 2.5) * 10
+        marker = np.maximum(mask - rng.uniform(0.05, 0.6), 0)
+        expected = reconstruction(marker, mask, method="dilation")
+        assert np.array_equal(reconstruct_by_dilation(marker, mask), expected.astype(np.float32))
+
+
+def test_faint_cell_keeps_its_cytoplasm_next_to_a_bright_one():
+    """A cell 12x fainter than its neighbour is outlined at its own edge, not cut to its brightest
+    part by the field-wide threshold (the per-cell edge)."""
+    shape = (200, 400)
+    blue = np.zeros(shape, np.uint8)
+    blue[_disc(shape, (100, 100), 20) | _disc(shape, (100, 300), 20)] = 180
+    bright, faint = _disc(shape, (100, 100), 70), _disc(shape, (100, 300), 70)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    # the faint cell's cytoplasm fades from 20 grey levels at its nucleus to 8 at its edge
+    fade = 20 - 12 * np.sqrt((yy - 100) ** 2 + (xx - 300) ** 2) / 70
+    red = np.where(bright, 240, np.where(faint, fade, 0)).astype(np.uint8)
+    field = np.stack([red, np.zeros(shape, np.uint8), blue, red], axis=-1)
+    _, cells = segment_field(field)
+    assert cells.max() == 2
+    faint_label = cells[100, 300]
+    assert faint_label and cells[100, 100] and faint_label != cells[100, 100]
+    iou = ((cells == faint_label) & faint).sum() / ((cells == faint_label) | faint).sum()
+    assert iou >= 0.85, iou
+
+
+def test_refine_upscale_draws_outlines_at_full_resolution():
+    """A disc found at 1/4 scale: the refined upscale follows the full-resolution outline of the
+    (bilinearly upscaled) signal instead of 4-px stairs, and keeps the interior."""
+    from src.segmentation.postprocess import refine_upscale, upscale_labels
+
+    small_shape, full_shape = (48, 48), (192, 192)
+    yy, xx = np.mgrid[:small_shape[0], :small_shape[1]]
+    signal = np.clip(1.0 - np.hypot(yy - 23.5, xx - 23.5) / 30.0, 0, None).astype(np.float32)  # cone
+    edge = np.array([np.inf, 0.5], np.float32)  # the cell ends where the cone falls to 0.5: radius 15
+    labels = (signal > edge[1]).astype(np.uint16)
+    fine_yy, fine_xx = np.mgrid[:full_shape[0], :full_shape[1]]
+    fine_signal = cv2.resize(signal, full_shape[::-1], interpolation=cv2.INTER_LINEAR)
+    truth = fine_signal > 0.5  # where the upscaled signal crosses the edge
+    refined = refine_upscale(labels, signal, edge, full_shape)
+    nearest = upscale_labels(labels, full_shape)
+    assert np.array_equal(refined > 0, truth)
+    assert ((nearest > 0) != truth).sum() > 50
+    assert refined.dtype == np.uint16 and set(np.unique(refined)) == {0, 1}
+
+
+def test_small_cells_are_looked_at_again_finer(monkeypatch):
+    """A dense field of small cells (nuclei under min_nucleus_radius at the working scale) is
+    segmented a second time at a finer scale, and its cells still match the truth."""
+    from src.data.synthetic import SyntheticConfig, make_field
+    from src.segmentation import classical
+
+    field, truth, _ = make_field(np.random.default_rng(0),
+                                 SyntheticConfig(image_size=1024, cells_min=60, cells_max=80, cell_radius=0.04))
+    shapes = []
+    real = classical.segment_nuclei
+    monkeypatch.setattr(classical, "segment_nuclei", lambda blue, *args: shapes.append(blue.shape) or real(blue, *args))
+    cells = classical.segment_field(field)[1]
+    assert shapes[0] == (512, 512) and len(shapes) == 2 and 512 < shapes[1][0] <= 1024
+    stats = match_masks(truth, cells)
+    assert stats.match_rate >= 0.95 and stats.spurious_rate <= 0.05, stats
+    shapes.clear()
+    classical.segment_field(field, ClassicalParams(max_zoom=1.0))
+    assert shapes == [(512, 512)]

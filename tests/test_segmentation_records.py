@@ -131,3 +131,92 @@ def test_cell_table_lists_every_cell(tmp_path):
     assert len(table) == sum(build_record("x", _random_cells(s)).n_cells for s in range(3))
     first = table[table["ID"] == "im1"].iloc[2]
     assert (first["y0"], first["x0"], first["y1"], first["x1"]) == build_record("x", _random_cells(1)).box(2)
+
+
+def _border_fractions_slow(mask: np.ndarray) -> np.ndarray:
+    """Reference: walk every side of every cell pixel."""
+    height, width = mask.shape
+    outline = np.zeros(int(mask.max()) + 1)
+    border = np.zeros(int(mask.max()) + 1)
+    for y in range(height):
+        for x in range(width):
+            label = mask[y, x]
+            if label == 0:
+                continue
+            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                ny, nx = y + dy, x + dx
+                if not (0 <= ny < height and 0 <= nx < width):
+                    border[label] += 1
+                    outline[label] += 1
+                elif mask[ny, nx] != label:
+                    outline[label] += 1
+    return border[1:] / outline[1:]
+
+
+def test_border_fractions_hand_computed():
+    from src.data.bbox_records import border_fractions
+
+    mask = np.zeros((6, 8), np.uint16)
+    mask[0:3, 0:4] = 1   # 3x4 in the top-left corner: top 4 + left 3 of 14 sides on the border
+    mask[2:4, 6:8] = 2   # 2x2 against the right edge: 2 of 8
+    mask[4, 2:5] = 3     # 1x3 inside the field: 0
+    mask[5, 2:5] = 4     # 1x3 on the bottom row, under cell 3: the 3 bottom sides of 8
+    mask[5, 7] = 5       # one pixel in the bottom-right corner: 2 of 4
+    expected = [7 / 14, 2 / 8, 0.0, 3 / 8, 2 / 4]
+    assert np.allclose(border_fractions(mask), expected)
+    assert np.allclose(build_record("img", mask).border_fractions, expected)
+    for seed in range(3):
+        cells = _random_cells(seed, shape=(40, 50), n=5)  # touching cells, most on the border
+        assert (border_fractions(cells) > 0).sum() >= 2
+        assert np.allclose(border_fractions(cells), _border_fractions_slow(cells))
+
+
+def _rewrite_record(path, version: int, drop: tuple[str, ...] = ()) -> None:
+    """Rewrite a record file with another format_version and without the members in `drop`
+    (format 1 records were written without border_fractions)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist() if name[:-4] not in drop}
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.asarray(np.int32(version)))
+    members["format_version.npy"] = buffer.getvalue()
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def test_format_1_records_stay_readable_and_unknown_formats_are_refused(tmp_path):
+    mask = _random_cells(4)
+    mask[:, :2] = mask[:, 2:4]  # some cells reach the left edge
+    record = build_record("old", mask)
+    assert record.border_fractions.max() > 0
+    write_record(tmp_path / "old.npz", record)
+    _rewrite_record(tmp_path / "old.npz", 1, drop=("border_fractions",))
+    for load_mask in (False, True):
+        back = read_record(tmp_path / "old.npz", load_mask=load_mask)
+        assert np.array_equal(back.border_fractions, record.border_fractions)
+        assert (back.cell_mask is None) == (not load_mask)
+    assert np.allclose(build_cell_table(tmp_path)["border_fraction"], record.border_fractions)
+    write_record(tmp_path / "future.npz", record)
+    _rewrite_record(tmp_path / "future.npz", 99)
+    write_record(tmp_path / "no_fractions.npz", record)
+    _rewrite_record(tmp_path / "no_fractions.npz", 2, drop=("border_fractions",))
+    for name, version in (("future.npz", 99), ("no_fractions.npz", 2)):
+        with pytest.raises(RecordError, match=f"{name}: record format {version}"):
+            read_record(tmp_path / name)
+
+
+def test_read_cell_table_exposes_border_fraction_even_from_an_old_table(tmp_path):
+    from src.data.bbox_records import CELL_TABLE_NAME, read_cell_table
+
+    for seed in range(2):
+        write_record(tmp_path / f"im{seed}.npz", build_record(f"im{seed}", _random_cells(seed)))
+    table = build_cell_table(tmp_path)
+    table.drop(columns="border_fraction").to_csv(tmp_path / CELL_TABLE_NAME, index=False)  # written by format 1 code
+    read = read_cell_table(tmp_path)
+    expected = np.concatenate([build_record("x", _random_cells(s)).border_fractions for s in range(2)])
+    assert np.allclose(read["border_fraction"], expected)
+    table.to_csv(tmp_path / CELL_TABLE_NAME, index=False)
+    assert np.allclose(read_cell_table(tmp_path)["border_fraction"], expected)

@@ -78,6 +78,31 @@ def test_submission_rows_masks_and_negative(test_fields, tmp_path):
     assert len(list((tmp_path / "submission_overlays").glob("*.png"))) == 1
 
 
+def _confidences(path) -> dict[str, np.ndarray]:
+    """(cells, 19) confidences of each field of a submission CSV."""
+    submission = pd.read_csv(path, dtype={"ID": str, "PredictionString": str})
+    return {row.ID: np.array(row.PredictionString.split()[1::3], float).reshape(-1, 19)
+            for row in submission.itertuples()}
+
+
+def test_border_down_weight_scales_border_cells_confidences(test_fields, tmp_path):
+    from src.utils.io import UserInputError
+
+    layout, outputs = test_fields
+    assert run(layout, outputs, tmp_path / "plain.csv") == 0
+    assert run(layout, outputs, tmp_path / "weighted.csv", "--border-down-weight", "0.8") == 0
+    plain, weighted = _confidences(tmp_path / "plain.csv"), _confidences(tmp_path / "weighted.csv")
+    on_border = 0
+    for image_id, confidences in plain.items():
+        fractions = read_record(record_path(outputs.bboxes_dir, "test", image_id)).border_fractions
+        on_border += int((fractions > 0).sum())
+        assert np.allclose(weighted[image_id], confidences * (1 - 0.8 * fractions)[:, None], atol=2e-6)
+    assert 0 < on_border < sum(len(c) for c in plain.values())  # some cells on the border, not all
+    assert (tmp_path / "plain_cells.csv").read_bytes() == (tmp_path / "weighted_cells.csv").read_bytes()
+    with pytest.raises(UserInputError, match="border-down-weight"):
+        run(layout, outputs, tmp_path / "bad.csv", "--border-down-weight", "1.5")
+
+
 def test_corrupt_field_is_reported_and_the_rest_written(test_fields, tmp_path):
     layout, outputs = test_fields
     tests = pd.read_csv(layout.test_csv, dtype={"ID": str})

@@ -49,7 +49,8 @@ def test_upsampled_indices_repeat_minority_cells():
     assert len(cellwise.upsampled_indices(targets, 0)) == 40
 
 
-def test_train_cellwise_end_to_end(tmp_path):
+@pytest.mark.parametrize("border_down_weight", ["0", "0.5"])
+def test_train_cellwise_end_to_end(tmp_path, border_down_weight):
     layout = write_synthetic_dataset(tmp_path / "data", 10, 0, SyntheticConfig(image_size=96, cells_min=3, cells_max=4), 3)
     table = read_label_table(layout.train_csv)
     assign_folds(table, 5, seed=0).to_csv(layout.folds_csv, index=False)
@@ -72,7 +73,7 @@ def test_train_cellwise_end_to_end(tmp_path):
             "--img_size", "32", "--batch_size", "4", "--workers", "0", "--gradient-accumulation-steps", "2",
             "--epochs", "1", "--scheduler", "Cosine", "--out_dir", "cells", "--init-weights", "none",
             "--selection", str(selection), "--eval-at-start", "--log-every", "0"]
-    assert cellwise.main(args) == 0
+    assert cellwise.main(args + ["--border-down-weight", border_down_weight]) == 0
     run_dir = outputs.model_dir("cells", 1)
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert {"val_binned_accuracy", "val_map", "val_focal_loss"} <= set(metrics.columns) and len(metrics) == 2
@@ -110,3 +111,49 @@ def test_cell_dataset_items_equal_crops_of_the_decoded_field(tmp_path):
     assert all(layout.cache_path(96, image_id).is_file() for image_id in table["ID"])
     for index, row in enumerate(cells.itertuples()):
         np.testing.assert_array_equal(dataset[index][0].numpy(), expected(row))
+
+
+def test_border_weighted_loss_scales_each_cells_gradient_only():
+    """The gradient of a cell's logits is its weight x the unweighted gradient, for a per-cell loss
+    (focal) and a mined one (the composite with the soft hard log loss); the value is unchanged."""
+    from src.train.losses import get_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 19)
+    targets = torch.rand(6, 19)
+    weights = torch.tensor([1.0, 0.5, 0.0, 1.0, 0.8, 0.25])
+    for name in ("FocalLoss", "FocalSymmetricHardLogLoss"):
+        loss = get_loss(name)
+        plain_logits = logits.clone().requires_grad_(True)
+        plain = loss(plain_logits, targets)
+        plain.backward()
+        weighted_logits = logits.clone().requires_grad_(True)
+        weighted = cellwise.BorderWeightedLoss(loss)(weighted_logits, torch.cat([targets, weights[:, None]], 1))
+        weighted.backward()
+        assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)
+        torch.testing.assert_close(weighted_logits.grad, plain_logits.grad * weights[:, None])
+
+
+def test_cell_dataset_appends_the_border_weight(tmp_path):
+    layout = write_synthetic_dataset(tmp_path / "data", 1, 0, SyntheticConfig(image_size=64, cells_min=4, cells_max=5), 2)
+    outputs = OutputLayout(tmp_path / "output")
+    image_id = read_label_table(layout.train_csv)["ID"][0]
+    mask = np.zeros((64, 64), np.uint16)
+    mask[0:10, 0:20] = 1      # top-left corner: 20 + 10 of 60 sides on the border -> 0.5
+    mask[30:40, 30:40] = 2    # inside: 0
+    mask[54:64, 20:40] = 3    # bottom edge: 20 of 60 -> 1/3
+    write_record(record_path(outputs.bboxes_dir, "train", image_id), build_record(image_id, mask))
+    cells = pd.DataFrame({"ID": [image_id] * 3, "cell_i": [0, 1, 2], "source": ["train"] * 3})
+    targets = np.full((3, 19), 0.25, np.float32)
+    weighted = cellwise.CellDataset(layout, outputs.bboxes_dir, cells, targets, img_size=16, border_down_weight=0.6)
+    plain = cellwise.CellDataset(layout, outputs.bboxes_dir, cells, targets, img_size=16)
+    for index, expected in enumerate([1 - 0.6 * 0.5, 1.0, 1 - 0.6 / 3]):
+        target = weighted[index][1].numpy()
+        assert target.shape == (20,) and target[-1] == pytest.approx(expected)
+        np.testing.assert_array_equal(target[:19], plain[index][1].numpy())
+        assert plain[index][1].shape == (19,)
+
+
+def test_border_down_weight_out_of_range_is_refused():
+    with pytest.raises(UserInputError, match="border-down-weight"):
+        cellwise.parse_args(["--fold", "0", "--border-down-weight", "1.5"])

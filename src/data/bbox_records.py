@@ -16,6 +16,12 @@ fixed timestamps, so the same masks give byte-identical files):
                                          once deflated. alien_flat_indices[alien_offsets[i]:alien_offsets[i+1]]
                                          are the row-major flat indices, relative to cell_i's box, of the
                                          pixels of *other* cells inside that box (ascending)
+    border_fractions     float32 (n,)    per cell, the fraction of its outline on the field border
+                                         (border_fractions(): pixel sides facing outside the field /
+                                         all sides of its pixels that face another label or the outside)
+
+Format 1 records (no border_fractions) stay readable: the fractions are computed from their mask,
+which is then decompressed even with load_mask=False.
 
 `cell_i` (0-based, the order of `boxes`, label cell_i + 1 in `cell_mask`) is the cell index used by
 every later table (denoising folds, pseudo-labels, selections). An image with no cells has n = 0.
@@ -38,13 +44,16 @@ from scipy import ndimage as ndi
 
 from src.utils.io import atomic_path
 
-RECORD_FORMAT_VERSION = 1
+RECORD_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 RECORD_SUFFIX = ".npz"
 CELL_TABLE_NAME = "cells.csv"
 FAILED_TABLE_NAME = "failed.csv"
-CELL_TABLE_COLUMNS = ("ID", "cell_i", "y0", "x0", "y1", "x1", "area", "image_height", "image_width")
+CELL_TABLE_COLUMNS = ("ID", "cell_i", "y0", "x0", "y1", "x1", "area", "image_height", "image_width",
+                      "border_fraction")
 _ARRAYS = ("format_version", "image_id", "backend", "cell_mask", "boxes", "areas", "alien_offsets",
-           "alien_flat_deltas")
+           "alien_flat_deltas", "border_fractions")
+_ARRAYS_V1 = _ARRAYS[:-1]
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -62,6 +71,7 @@ class BBoxRecord:
     alien_flat_indices: np.ndarray
     image_shape: tuple[int, int]
     backend: str = "classical"
+    border_fractions: np.ndarray | None = None  # float32 (n,); always set by build_record and read_record
 
     @property
     def n_cells(self) -> int:
@@ -82,6 +92,31 @@ def records_dir(bboxes_dir: str | os.PathLike, source: str) -> Path:
 
 def record_path(bboxes_dir: str | os.PathLike, source: str, image_id: str) -> Path:
     return records_dir(bboxes_dir, source) / f"{image_id}{RECORD_SUFFIX}"
+
+
+def border_fractions(cell_mask: np.ndarray) -> np.ndarray:
+    """Per label 1..max (index 0 = label 1), float32: the fraction of the object's outline that lies
+    on the field border. The outline is counted in pixel sides: every side of an object pixel that
+    faces a pixel of another label (background or another cell) or the outside of the field; the
+    border part is the sides facing the outside. A w x h rectangle against the left edge only: h / (2w + 2h).
+    Measured exactly from the mask, unlike the area cut off, which would need a guess of the unseen part."""
+    n = int(cell_mask.max()) if cell_mask.size else 0
+    outline = np.zeros(n + 1, np.int64)
+    for a, b in ((cell_mask[:, :-1], cell_mask[:, 1:]), (cell_mask[:-1, :], cell_mask[1:, :])):
+        differ = a != b
+        outline += np.bincount(a[differ], minlength=n + 1) + np.bincount(b[differ], minlength=n + 1)
+    on_border = np.zeros(n + 1, np.int64)
+    if cell_mask.size:
+        for edge in (cell_mask[0], cell_mask[-1], cell_mask[:, 0], cell_mask[:, -1]):
+            on_border += np.bincount(edge.ravel(), minlength=n + 1)
+    total = outline + on_border
+    return (on_border[1:] / np.maximum(total[1:], 1)).astype(np.float32)
+
+
+def border_weights(fractions: np.ndarray, strength: float) -> np.ndarray:
+    """Per-cell weights 1 - strength x border fraction, in [0, 1] (strength 0: all 1). A cell cut in
+    half by the border has a fraction of about 0.4, a thin sliver about 0.5, an inner cell 0."""
+    return np.clip(1.0 - strength * np.asarray(fractions, np.float64), 0.0, 1.0)
 
 
 def build_record(image_id: str, cell_mask: np.ndarray, backend: str = "classical") -> BBoxRecord:
@@ -113,7 +148,8 @@ def build_record(image_id: str, cell_mask: np.ndarray, backend: str = "classical
     areas = np.bincount(cell_mask.ravel(), minlength=n + 1)[1:].astype(np.int64)
     flat = np.concatenate(aliens) if aliens else np.zeros(0, np.int32)
     return BBoxRecord(image_id=image_id, cell_mask=cell_mask, boxes=boxes, areas=areas, alien_offsets=offsets,
-                      alien_flat_indices=flat, image_shape=tuple(cell_mask.shape), backend=backend)
+                      alien_flat_indices=flat, image_shape=tuple(cell_mask.shape), backend=backend,
+                      border_fractions=border_fractions(cell_mask))
 
 
 def write_record(path: str | os.PathLike, record: BBoxRecord, compresslevel: int = 6) -> None:
@@ -123,7 +159,9 @@ def write_record(path: str | os.PathLike, record: BBoxRecord, compresslevel: int
     arrays = {"format_version": np.int32(RECORD_FORMAT_VERSION), "image_id": np.str_(record.image_id),
               "backend": np.str_(record.backend), "cell_mask": record.cell_mask, "boxes": record.boxes,
               "areas": record.areas, "alien_offsets": record.alien_offsets,
-              "alien_flat_deltas": np.diff(record.alien_flat_indices.astype(np.int64), prepend=0).astype(np.int32)}
+              "alien_flat_deltas": np.diff(record.alien_flat_indices.astype(np.int64), prepend=0).astype(np.int32),
+              "border_fractions": (record.border_fractions if record.border_fractions is not None
+                                   else border_fractions(record.cell_mask)).astype(np.float32)}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=compresslevel) as archive:
@@ -144,19 +182,24 @@ def read_record(path: str | os.PathLike, load_mask: bool = True) -> BBoxRecord:
         raise RecordError(f"{path}: not a bbox record (not a zip archive: empty, truncated or another kind of file)")
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = set(_ARRAYS) - {name[:-4] for name in data.zip.namelist()}
+            present = {name[:-4] for name in data.zip.namelist()}
+            missing = set(_ARRAYS_V1) - present
             if missing:
                 raise RecordError(f"{path}: not a bbox record (missing {sorted(missing)})")
             version = int(data["format_version"])
-            if version != RECORD_FORMAT_VERSION:
-                raise RecordError(f"{path}: record format {version}, this code reads {RECORD_FORMAT_VERSION}")
-            cell_mask = data["cell_mask"] if load_mask else None
+            if version not in READABLE_FORMAT_VERSIONS or (version >= 2) != ("border_fractions" in present):
+                raise RecordError(f"{path}: record format {version}, this code reads {READABLE_FORMAT_VERSIONS}; "
+                                  "delete the folder's records and rerun generate_cell_bboxes")
+            old = version == 1
+            cell_mask = data["cell_mask"] if load_mask or old else None
+            fractions = border_fractions(cell_mask) if old else data["border_fractions"]
             shape = cell_mask.shape if cell_mask is not None else _npy_shape(data.zip, "cell_mask.npy")
+            cell_mask = cell_mask if load_mask else None
             return BBoxRecord(image_id=str(data["image_id"]), cell_mask=cell_mask, boxes=data["boxes"],
                               areas=data["areas"], alien_offsets=data["alien_offsets"],
                               alien_flat_indices=np.cumsum(data["alien_flat_deltas"], dtype=np.int64).astype(np.int32),
                               image_shape=tuple(shape),
-                              backend=str(data["backend"]))
+                              backend=str(data["backend"]), border_fractions=fractions)
     except (RecordError, FileNotFoundError):
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
@@ -196,18 +239,25 @@ def build_cell_table(directory: str | os.PathLike) -> pd.DataFrame:
             "ID": [record.image_id] * n, "cell_i": np.arange(n, dtype=np.int64),
             "y0": boxes[:, 0], "x0": boxes[:, 1], "y1": boxes[:, 2], "x1": boxes[:, 3],
             "area": record.areas.astype(np.int64), "image_height": np.full(n, record.image_shape[0], np.int64),
-            "image_width": np.full(n, record.image_shape[1], np.int64)}))
+            "image_width": np.full(n, record.image_shape[1], np.int64),
+            "border_fraction": record.border_fractions.astype(np.float64)}))
     if not parts:
-        return pd.DataFrame({name: pd.Series(dtype="int64" if name != "ID" else "object") for name in CELL_TABLE_COLUMNS})
+        dtypes = {"ID": "object", "border_fraction": "float64"}
+        return pd.DataFrame({name: pd.Series(dtype=dtypes.get(name, "int64")) for name in CELL_TABLE_COLUMNS})
     return pd.concat(parts, ignore_index=True)[list(CELL_TABLE_COLUMNS)]
 
 
 def read_cell_table(directory: str | os.PathLike) -> pd.DataFrame:
-    """The `cells.csv` index of one source folder (written by generate_cell_bboxes at the end of each run)."""
+    """The `cells.csv` index of one source folder (written by generate_cell_bboxes at the end of each
+    run), CELL_TABLE_COLUMNS. A table written before `border_fraction` existed is rebuilt from the
+    records (in memory; the file is left as it is)."""
     path = Path(directory) / CELL_TABLE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run python -m src.preprocessing.generate_cell_bboxes first")
-    return pd.read_csv(path, dtype={"ID": str})
+    table = pd.read_csv(path, dtype={"ID": str})
+    if "border_fraction" not in table.columns:
+        return build_cell_table(directory)
+    return table
 
 
 def _sample_grid(start: int, stop: int, factor: float, limit: int) -> np.ndarray:

@@ -8,6 +8,9 @@ the TTA views (default identity, flips, rot90, scale_shift), its neighbours mask
 `--input-style image-level` the models are image-level ones and cells are shown tiled at field
 scale (as for pseudo-labels). Negative = min over classes of (1 - P_c) (`--negative product` for
 the product). `--fusion-run` averages in the image-level ensemble's whole-field prediction.
+`--border-down-weight S` multiplies each cell's confidences in submission.csv by 1 - S x its border
+fraction (the share of its outline on the field border, from the bbox record), so cells cut by the
+border rank lower; submission_cells.csv keeps the model's probabilities.
 Writes `submission.csv` (ID,ImageWidth,ImageHeight,PredictionString of `class confidence mask`
 triples), `submission_cells.csv` (ID,cell_i,19 probabilities) and `submission_overlays/*.png`; a
 field that cannot be read is listed in `submission_failed.csv` and gets an empty prediction string.
@@ -24,7 +27,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from src.data.bbox_records import masked_crop, read_record, record_path
+from src.data.bbox_records import border_weights, masked_crop, read_record, record_path
 from src.data.cache import load_field, load_full_resolution
 from src.data.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES
 from src.data.images import ImageReadError
@@ -122,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fusion-run", default=None, help="image-level run whose whole-field prediction is fused")
     parser.add_argument("--fusion-img-size", type=int, default=1024)
     parser.add_argument("--fusion-weight", type=float, default=0.0, help="weight of the image-level prediction")
+    parser.add_argument("--border-down-weight", type=float, default=0.0,
+                        help="confidences x (1 - this x the cell's border fraction) in submission.csv (0: off)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--overlays", type=int, default=4, help="overlay PNGs for the first N fields")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -134,6 +139,8 @@ def main(argv=None) -> int:
         raise UserInputError(f"--tta must name views among {TTA_VIEWS + EXTRA_TTA_VIEWS}")
     if not 0 <= args.fusion_weight <= 1 or (args.fusion_weight > 0 and not args.fusion_run):
         raise UserInputError("--fusion-weight must be in [0, 1] and needs --fusion-run")
+    if not 0 <= args.border_down_weight <= 1:
+        raise UserInputError("--border-down-weight must be in [0, 1]")
     out = Path(args.out) if args.out else outputs.root / "submission.csv"
     device = torch.device(args.device)
     folds = [int(f) for f in args.folds.split(",")]
@@ -169,7 +176,8 @@ def main(argv=None) -> int:
             failed[image_id] = str(error)
             rows.append((image_id, width, height, ""))
             continue
-        rows.append((image_id, width, height, prediction_string(record.cell_mask, probabilities)))
+        confidences = probabilities * border_weights(record.border_fractions, args.border_down_weight)[:, None]
+        rows.append((image_id, width, height, prediction_string(record.cell_mask, confidences)))
         cell_rows += [(image_id, cell_i, *probabilities[cell_i]) for cell_i in range(record.n_cells)]
         if index < args.overlays:
             draw_overlay(load_full_resolution(layout, "test", image_id, record.image_shape), record.cell_mask, probabilities,

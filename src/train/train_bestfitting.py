@@ -239,9 +239,9 @@ def prepare_run(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def run_training(args: argparse.Namespace, device: torch.device, dist_info, train_set, valid_set, metrics_fn,
-                 select_metric: str, select_mode: str) -> int:
+                 select_metric: str, select_mode: str, loss_fn: torch.nn.Module | None = None) -> int:
     """Model, loaders, optimizer and schedule from the flags, then `fit`; shared with train_cellwise.
-    Datasets yield (image, target, index) for keys (index, epoch)."""
+    Datasets yield (image, target, index) for keys (index, epoch). `loss_fn`: instead of --loss's."""
     out_dir = OutputLayout(args.output).model_dir(args.out_dir, args.fold)
     resuming = args.resume_from is not None
     world, rank_ = dist_info.world_size, dist_info.rank
@@ -291,8 +291,8 @@ def run_training(args: argparse.Namespace, device: torch.device, dist_info, trai
              args.arch, args.batch_size * world * args.gradient_accumulation_steps, args.batch_size, world,
              args.gradient_accumulation_steps, args.loss, args.scheduler, args.scheduler_lr_multiplier,
              amp_dtype)
-    state = fit(model, optimizer, get_loss(args.loss), train_loader, valid_loader, lr_for_epoch, metrics_fn, cfg,
-                state, scaler)
+    state = fit(model, optimizer, loss_fn or get_loss(args.loss), train_loader, valid_loader, lr_for_epoch,
+                metrics_fn, cfg, state, scaler)
     if dist_info.is_main and state.best_epoch is not None:
         best = next(row for row in state.history if row["epoch"] == state.best_epoch)
         log.info("best epoch %d: %s; outputs in %s", state.best_epoch,

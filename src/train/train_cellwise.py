@@ -9,6 +9,10 @@ full resolution with other cells zeroed, thin crops tiled along the short side, 
 resized to --img_size, dihedral augmentation. Targets: the pseudo-label HDF5 probabilities, with the
 cells of each --selection CSV (`ID,cell_i`, class from the file name or --selection-class) set to 1.
 Validation: focal loss, accuracy in 0.05-wide bins and mAP with targets >= 0.5 as positives.
+`--border-down-weight S`: each training cell's gradient is scaled by 1 - S x its border fraction
+(the share of its outline on the field border, from the bbox record), for any loss: the exact
+weighted loss for per-cell sums (focal, BCE, Lovasz); for the mined hard log losses, the selected
+cells' terms are scaled. The logged loss stays unweighted; validation is not weighted.
 Default schedule Adam20WarmUP, as the reference's train_cellwise. All other flags as in
 src.train.train_bestfitting.
 """
@@ -23,7 +27,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from src.data.bbox_records import masked_crop, read_record, record_path
+from src.data.bbox_records import border_weights, masked_crop, read_record, record_path
 from src.data.cache import load_full_resolution
 from src.data.classes import CLASS_NAMES, class_index, class_slug
 from src.data.labels import labels_to_multihot, read_label_tables
@@ -32,6 +36,7 @@ from src.predict import pseudo_label_store as store
 from src.predict.cell_inputs import cellwise_input
 from src.train import train_bestfitting as image_level
 from src.train.datasets import SAMPLE_READ_ERRORS, SampleReadError, dihedral, dihedral_index, read_folds
+from src.train.losses import get_loss
 from src.train.metrics import image_level_metrics
 from src.utils.io import UserInputError, run_cli
 
@@ -90,13 +95,31 @@ def upsampled_indices(targets: np.ndarray, factor: int) -> np.ndarray:
     return np.concatenate([indices] + [rare_rows] * (factor - 1))
 
 
+class BorderWeightedLoss(torch.nn.Module):
+    """`loss` on targets whose last column is a per-cell weight: each cell's logits pass on their
+    gradient scaled by its weight (forward values unchanged), so any loss, mined or not, learns
+    less from the cells it is told to trust less."""
+
+    def __init__(self, loss: torch.nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        weights = targets[:, -1:]
+        scaled = logits * weights + (logits * (1 - weights)).detach()
+        return self.loss(scaled, targets[:, :-1])
+
+
 class CellDataset(Dataset):
-    """Cell crops as cell-level inputs; (image, target, index) for keys (index, epoch)."""
+    """Cell crops as cell-level inputs; (image, target, index) for keys (index, epoch). With
+    `border_down_weight` > 0 the target gains a last column, the cell's weight for BorderWeightedLoss."""
 
     def __init__(self, layout: DatasetLayout, bboxes_dir: Path, cells: pd.DataFrame, targets: np.ndarray,
-                 img_size: int, augment: bool = False, seed: int = 0, in_channels: int = 4):
+                 img_size: int, augment: bool = False, seed: int = 0, in_channels: int = 4,
+                 border_down_weight: float = 0.0):
         self.layout, self.bboxes_dir, self.img_size = layout, bboxes_dir, img_size
         self.augment, self.seed, self.in_channels = augment, seed, in_channels
+        self.border_down_weight = border_down_weight
         self.ids, self.cell_i, self.sources = cells["ID"].tolist(), cells["cell_i"].tolist(), cells["source"].tolist()
         self.targets = targets.astype(np.float32)
         self._records: OrderedDict = OrderedDict()
@@ -125,8 +148,11 @@ class CellDataset(Dataset):
         image = cellwise_input(masked_crop(field, record, self.cell_i[index]), self.img_size)[..., :self.in_channels]
         if self.augment:
             image = dihedral(image, dihedral_index(self.seed, epoch, index))
-        return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                torch.from_numpy(self.targets[index]), index)
+        target = self.targets[index]
+        if self.border_down_weight:
+            fraction = record.border_fractions[self.cell_i[index]]
+            target = np.append(target, border_weights(fraction, self.border_down_weight)).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(target), index
 
 
 def read_selections(paths: list[str], classes: list[str] | None) -> list[tuple[int, pd.DataFrame]]:
@@ -160,9 +186,13 @@ def parse_args(argv=None):
                         help="blend: target = (1 - w) * pseudo-label + w * the image's label (0: the reference)")
     parser.add_argument("--upsample-minorities", type=int, default=0,
                         help="repeat cells of minority classes this many times (0: off)")
+    parser.add_argument("--border-down-weight", type=float, default=0.0,
+                        help="scale each training cell's gradient by 1 - this x its border fraction (0: off)")
     args = parser.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = f"cellwise_{args.arch}_{args.img_size}__gradaccum_{args.gradient_accumulation_steps}"
+    if not 0 <= args.border_down_weight <= 1:
+        raise UserInputError("--border-down-weight must be in [0, 1]")
     return image_level.finish_args(args)
 
 
@@ -198,10 +228,12 @@ def train(args, device: torch.device, dist_info) -> int:
         raise UserInputError(f"fold {args.fold}: {len(train_rows)} training and {len(valid_rows)} validation cells")
     log.info("fold %d: %d training cells (after upsampling), %d validation cells at %d px", args.fold,
              len(train_rows), len(valid_rows), args.img_size)
-    make = lambda rows, augment: CellDataset(layout, outputs.bboxes_dir, cells.iloc[rows].reset_index(drop=True),  # noqa: E731
-                                             targets[rows], args.img_size, augment, args.seed, args.in_channels)
+    make = lambda rows, training: CellDataset(  # noqa: E731
+        layout, outputs.bboxes_dir, cells.iloc[rows].reset_index(drop=True), targets[rows], args.img_size, training,
+        args.seed, args.in_channels, args.border_down_weight if training else 0.0)
+    loss = BorderWeightedLoss(get_loss(args.loss)) if args.border_down_weight else None
     return image_level.run_training(args, device, dist_info, make(train_rows, True), make(valid_rows, False),
-                                    cell_level_metrics, *SELECT_BY[args.select_by])
+                                    cell_level_metrics, *SELECT_BY[args.select_by], loss_fn=loss)
 
 
 if __name__ == "__main__":
