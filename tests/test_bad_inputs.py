@@ -348,9 +348,10 @@ def test_denoising_folds_refuse_a_stale_or_corrupt_index(segmented, capsys, dama
 def test_malformed_cell_index_is_one_line(segmented, capsys):
     _, outputs = segmented
     cells_csv = outputs.bboxes_dir / "train" / "cells.csv"
-    cells_csv.write_text(cells_csv.read_text() + "x,1,2,3,4,5,6,7,8,9,10\n")
+    n_columns = len(cells_csv.read_text().splitlines()[0].split(","))
+    cells_csv.write_text(cells_csv.read_text() + ",".join(["x"] + [str(i) for i in range(n_columns + 1)]) + "\n")
     one_error(*run_stage(create_denoising_folds.main, ["--output-dir", outputs.root], capsys), str(cells_csv),
-              "Expected 9 fields", "rerun python -m src.preprocessing.generate_cell_bboxes")
+              f"Expected {n_columns} fields", "rerun python -m src.preprocessing.generate_cell_bboxes")
     assert not outputs.denoising_folds_csv.exists()
 
 
