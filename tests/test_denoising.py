@@ -332,7 +332,8 @@ def test_select_candidates_on_constructed_case(tmp_path):
         return np.full((16, 16, 4), 128, np.uint8) if image_id == "a" else None
 
     args = select_candidates.build_parser().parse_args(
-        ["--class", "Mitotic spindle", "--output-dir", str(layout.root), "--input-dir", str(tmp_path / "input")])
+        ["--class", "Mitotic spindle", "--rule", "reference", "--output-dir", str(layout.root),
+         "--input-dir", str(tmp_path / "input")])
     selected = select_candidates.run(args, load_crop=fake_crop)
     csv_path = tmp_path / "input" / "mitotic_cells_selection.csv"
     table = pd.read_csv(csv_path, dtype={"ID": str})
@@ -342,7 +343,7 @@ def test_select_candidates_on_constructed_case(tmp_path):
     assert (layout.root / "denoising" / "mitotic_selection_grid.png").is_file()
     # one fold only, without any crop loader
     args = select_candidates.build_parser().parse_args(
-        ["--class", "11", "--folds", "1", "--output-dir", str(layout.root), "--out", str(tmp_path / "s.csv"),
+        ["--class", "11", "--rule", "reference", "--folds", "1", "--output-dir", str(layout.root), "--out", str(tmp_path / "s.csv"),
          "--grid-png", str(tmp_path / "grid.png")])
     select_candidates.run(args)
     assert pd.read_csv(tmp_path / "s.csv")["ID"].tolist() == ["e", "f"] and (tmp_path / "grid.png").is_file()
@@ -355,7 +356,7 @@ def test_select_cells_nothing_when_max_is_zero():
 def test_select_cells_absolute_threshold_ignores_the_maximum():
     initial = np.array([0.1, 0.2, 0.5, 0.3])
     denoised = np.array([0.6, 0.3, 0.9, 3.0])  # a hub cell at 3.0 would set the relative threshold to 2.76
-    assert select_candidates.select_cells(initial, denoised).tolist() == [False, False, False, True]
+    assert select_candidates.select_cells(initial, denoised, rule="reference").tolist() == [False, False, False, True]
     assert select_candidates.select_cells(initial, denoised, denoised_above=0.5).tolist() == [True, False, False, True]
 
 
@@ -366,3 +367,19 @@ def test_select_candidates_bad_input(tmp_path):
     with pytest.raises(UserInputError, match="unknown class"):
         select_candidates.run(parse(["--class", "Spindle-ish", "--output-dir", str(tmp_path)]))
     assert isinstance(parse(["--class", "0"]), argparse.Namespace)
+
+
+def test_quartile_rule_by_hand():
+    # confident positives (Y_init >= 0.6): Y_opt 0.6, 0.7, 0.8, 0.9 -> lower quartile 0.675
+    # low cells (Y_init < 0.4): Y_opt 0.0, 0.1, 0.1, 0.2, 0.5, 0.65 -> upper quartile 0.2 + 0.75 * 0.3 = 0.425
+    # threshold (0.675 + 0.425) / 2 = 0.55: of the low cells only the one at 0.65 is selected
+    initial = np.array([0.9, 0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.1, 0.0, 0.35, 0.5])
+    denoised = np.array([0.6, 0.7, 0.8, 0.9, 0.0, 0.1, 0.1, 0.2, 0.5, 0.65, 0.95])
+    threshold = select_candidates.selection_threshold(initial, denoised)
+    assert threshold == pytest.approx(0.55)
+    assert np.flatnonzero(select_candidates.select_cells(initial, denoised)).tolist() == [9]
+    # the rule is scale-free: multiplying Y_opt by 3 (a hub-inflated scale) selects the same cells
+    assert np.flatnonzero(select_candidates.select_cells(initial, 3 * denoised)).tolist() == [9]
+    # overlapping groups or no confident positive: nothing
+    assert not select_candidates.select_cells(initial, np.full(11, 0.3)).any()
+    assert not select_candidates.select_cells(np.full(11, 0.2), denoised).any()
