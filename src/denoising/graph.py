@@ -29,8 +29,10 @@ KNN_METHODS = ("auto", "exact", "ivf")
 # 'auto' searches exactly up to this many cells and with inverted lists above (exact cost grows as N^2:
 # 100k x 1024-d took 108 s exactly on 2 cores, 1M would take ~3 h)
 EXACT_MAX_CELLS = 60_000
-APPROXIMATE_PCA_DIMS = 256  # 'auto' above EXACT_MAX_CELLS: wider embeddings are projected to this first
+APPROXIMATE_PCA_DIMS = 128  # 'auto' above EXACT_MAX_CELLS: wider embeddings are projected to this first
 RECALL_SAMPLE = 1000  # rows whose approximate neighbours are checked against an exact search
+PROBE_TARGET_RECALL = 0.97  # sampled recall the inverted-list search is tuned to (0.95 wanted, with margin)
+PROBE_SAMPLE = 300
 DEFAULT_BLOCK_ROWS = 8192
 FAISS_DATABASE_BLOCK = 16384  # rows; the distance buffer is 4096 x this float32 (256 MB)
 PCA_FIT_ROWS = 32768  # principal components of 1024-d rows are stable well before this many rows
@@ -116,7 +118,7 @@ def pca_components(sample: np.ndarray, n_components: int) -> tuple[np.ndarray, n
     return mean.astype(np.float32), components
 
 
-def _build_index(points: np.ndarray, method: str, seed: int, ivf_lists: int, ivf_probe: int) -> faiss.Index:
+def _build_index(points: np.ndarray, method: str, seed: int, ivf_lists: int) -> faiss.Index:
     n_rows, n_dims = points.shape
     if method == "exact":
         index = faiss.IndexFlatL2(n_dims)
@@ -125,28 +127,55 @@ def _build_index(points: np.ndarray, method: str, seed: int, ivf_lists: int, ivf
         quantizer = faiss.IndexFlatL2(n_dims)
         index = faiss.IndexIVFFlat(quantizer, n_dims, n_lists, faiss.METRIC_L2)
         index.cp.seed = seed
-        training = points[np.random.default_rng(seed).permutation(n_rows)[:min(n_rows, 256 * n_lists)]]
+        training = points[np.random.default_rng(seed).permutation(n_rows)[:min(n_rows, 64 * n_lists)]]
         index.train(np.ascontiguousarray(training))
-        index.nprobe = min(ivf_probe, n_lists)
     else:
         raise UserInputError(f"unknown kNN method {method!r}; choose one of {KNN_METHODS}")
     index.add(points)
     return index
 
 
+def _recall_of(found: np.ndarray, exact: np.ndarray, rows: np.ndarray, k: int) -> float:
+    """Mean share of each row's k exact nearest others (row itself removed) present in `found`."""
+    hits = [len(np.intersect1d(truth[truth != row][:k], got[got != row])) for row, truth, got in zip(rows, exact, found)]
+    return float(np.sum(hits) / (len(rows) * k))
+
+
+def choose_probe(index: faiss.Index, points: np.ndarray, k: int, seed: int, target: float = PROBE_TARGET_RECALL,
+                 sample: int = PROBE_SAMPLE) -> int:
+    """Smallest nprobe (doubling from 8) whose recall on `sample` rows reaches `target`, found by
+    comparing with an exact search of those rows; the data decides, not a constant."""
+    rows = np.sort(np.random.default_rng(seed + 1).permutation(len(points))[:sample])
+    queries = np.ascontiguousarray(points[rows])
+    _, exact = faiss.knn(queries, points, k + 1)
+    n_probe, recall = 8, 0.0
+    while True:
+        index.nprobe = min(n_probe, index.nlist)
+        recall = _recall_of(index.search(queries, k + 1)[1], exact, rows, k)
+        if recall >= target or index.nprobe == index.nlist or n_probe >= index.nlist // 4:
+            break
+        n_probe *= 2
+    log.info("inverted lists: %d lists, nprobe %d gives recall %.3f on %d sampled cells%s", index.nlist, index.nprobe,
+             recall, len(rows), "" if recall >= target else f" (below the target {target})")
+    return index.nprobe
+
+
 def knn_indices(points: np.ndarray, k: int, method: str = "exact", block_rows: int = DEFAULT_BLOCK_ROWS,
-                seed: int = 0, ivf_lists: int = 0, ivf_probe: int = 32) -> np.ndarray:
+                seed: int = 0, ivf_lists: int = 0, ivf_probe: int = 0) -> np.ndarray:
     """(N, k) int32 indices of each row's k nearest other rows (L2), -1 where fewer were found.
 
     Searches k+1 neighbours and drops the row itself; when exact duplicates push the row out of its
-    own k+1 list, the farthest of the k+1 is dropped instead.
+    own k+1 list, the farthest of the k+1 is dropped instead. For 'ivf', ivf_probe = 0 chooses the
+    number of probed lists from the data (choose_probe).
     """
     n_rows = len(points)
     if n_rows <= k:
         raise UserInputError(f"{n_rows} cells but {k} other neighbours wanted per cell; a kNN graph needs more "
                              "cells (use a smaller --n-neighbors or a larger fold)")
     points = np.ascontiguousarray(points, dtype=np.float32)
-    index = _build_index(points, method, seed, ivf_lists, ivf_probe)
+    index = _build_index(points, method, seed, ivf_lists)
+    if method == "ivf":
+        index.nprobe = min(ivf_probe, index.nlist) if ivf_probe else choose_probe(index, points, k, seed)
     neighbours = np.empty((n_rows, k), dtype=np.int32)
     started = time.perf_counter()
     with _faiss_database_block(FAISS_DATABASE_BLOCK):
@@ -219,15 +248,12 @@ def choose_search(n_cells: int, n_dims: int, method: str = "auto", pca_dims: int
 
 
 def sampled_recall(points: np.ndarray, neighbours: np.ndarray, seed: int = 0, sample: int = RECALL_SAMPLE) -> float:
-    """Mean fraction of the exact k nearest others (in the same search space) that `neighbours`
-    found, over `sample` rows drawn with `seed`."""
-    n_rows, k = neighbours.shape
-    rows = np.sort(np.random.default_rng(seed).permutation(n_rows)[:sample])
-    index = faiss.IndexFlatL2(points.shape[1])
-    index.add(points)
-    _, found = index.search(np.ascontiguousarray(points[rows]), k + 1)
-    hits = [len(np.intersect1d(exact[exact != row][:k], neighbours[i])) for i, (row, exact) in enumerate(zip(rows, found))]
-    return float(np.sum(hits) / (len(rows) * k))
+    """Mean share of the exact k nearest others (in the same search space) that `neighbours` found,
+    over `sample` rows drawn with `seed` (other rows than choose_probe's)."""
+    k = neighbours.shape[1]
+    rows = np.sort(np.random.default_rng(seed + 2).permutation(len(points))[:sample])
+    _, exact = faiss.knn(np.ascontiguousarray(points[rows]), points, k + 1)
+    return _recall_of(neighbours[rows], exact, rows, k)
 
 
 def knn_graph(embeddings, k: int = 200, metric: str = "l2", pca_dims: int | None = None, method: str = "auto",
