@@ -202,3 +202,15 @@ def test_damaged_denoised_fold_file_gives_one_line(tmp_path):
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "fold0.h5" in lines[0]
     assert not (tmp_path / "input").exists()
+
+
+def test_fold_rows_stream_the_same_values_as_a_full_read(tmp_path):
+    values = np.arange(200 * 3, dtype=np.float32).reshape(200, 3)
+    with h5py.File(tmp_path / "a.h5", "w") as h5:
+        h5["x"] = values
+    with h5py.File(tmp_path / "a.h5", "r") as h5:
+        for rows in (np.arange(10, 60, 2), np.array([0, 50, 199]), np.array([7])):  # dense, sparse, single
+            view = graph_denoising.FoldRows(h5["x"], rows, tmp_path / "a.h5")
+            assert view.shape == (len(rows), 3)
+            np.testing.assert_array_equal(np.concatenate([view[i:i + 2] for i in range(0, len(rows), 2)]), values[rows])
+            assert view[len(rows):].shape == (0, 3)
