@@ -214,3 +214,15 @@ def test_fold_rows_stream_the_same_values_as_a_full_read(tmp_path):
             assert view.shape == (len(rows), 3)
             np.testing.assert_array_equal(np.concatenate([view[i:i + 2] for i in range(0, len(rows), 2)]), values[rows])
             assert view[len(rows):].shape == (0, 3)
+
+
+def test_cli_finds_every_component(tmp_path):
+    embeddings = separated_blobs(6, 120, n_dims=16, seed=8)
+    predictions = np.random.default_rng(8).uniform(0, 1, (len(embeddings), NUM_CLASSES)).astype(np.float32)
+    cells = type("Cells", (), {"embeddings": embeddings, "predictions": predictions})
+    write_pseudo_labels(tmp_path, cells)
+    argv = ["--fold", "0", "--output-dir", str(tmp_path), "-k", "11", "--n-eigenvectors", "12", "--no-plots"]
+    assert graph_denoising.main(argv) == 0
+    with h5py.File(OutputLayout(tmp_path).denoised_h5(0), "r") as h5:
+        eigenvalues = h5["eigenvalues"][:]
+    assert int(np.sum(eigenvalues < 1e-6)) == 6 and eigenvalues[6] > 1e-3
