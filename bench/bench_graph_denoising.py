@@ -1,12 +1,20 @@
 """Benchmark of the graph denoising stage on generated clustered embeddings (not part of the tests).
 
-    .venv/bin/python bench/bench_graph_denoising.py [--sizes 10000 30000 100000] [--pca-dims 128]
+    .venv/bin/python bench/bench_graph_denoising.py [--sizes 10000 100000 300000] [--exact-up-to 100000]
+    .venv/bin/python bench/bench_graph_denoising.py --sizes 1000000      # the full-HPA fold size, alone
 
-For each size: writes a pseudo-label HDF5 + denoising folds CSV (one fold) of generated cells, runs
-the stage end to end (`denoise_fold`: read, kNN graph, eigenpairs, solve, write HDF5 and PNGs) in a
-fresh process, and prints its seconds per step and peak resident memory. Then the quality of the
-selection rule (Y_init < 0.4 and Y_opt >= fraction * class max) on the cells whose positive label
-was lowered below 0.4, and the speed of the slow reference against the fast path at --reference-size.
+For each size, in fresh processes (own peak memory): writes a pseudo-label HDF5 + one-fold CSV of
+generated cells (1024-d, 40 clusters, 30% of each class's positives lowered below 0.4), runs the
+stage end to end with its defaults (`denoise_fold`: the search is chosen from N), and, up to
+--exact-up-to cells, again with the exact search in the same PCA space (and up to --full-exact-up-to
+in all dimensions), for the objective gap and the share of the exact graph's edges the approximate
+graph keeps. Then, per size, the selection of the lowered cells by the
+default rule ('quartiles') and the reference's rule, and cleanlab's multi-label label-issue finder on
+the same cells (given labels: pseudo-label >= 0.5; its out-of-fold probabilities: a logistic
+regression on 64 principal components, 5 folds), up to --cleanlab-up-to cells. Prints one table, then
+the slow reference against the fast path at --reference-size cells, then the selection on
+--selection-sets further data sets drawn with other sizes, cluster counts, spreads, dimensions and
+missed fractions (seed --seed + 1000; the rule was chosen on other data).
 """
 from __future__ import annotations
 
@@ -27,17 +35,13 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from src.data.classes import CLASS_NAMES, NUM_CLASSES  # noqa: E402
+from src.data.classes import NUM_CLASSES  # noqa: E402
 from src.data.schema import OutputLayout  # noqa: E402
 from src.predict import pseudo_label_store as store  # noqa: E402
 
-# (rule, threshold): "fraction" = Y_opt >= threshold * class max (the reference's rule, default 0.92),
-# "absolute" = Y_opt >= threshold (select_candidates --denoised-above)
-RULES = tuple(("fraction", f) for f in (0.92, 0.8, 0.7, 0.6, 0.5, 0.4)) + tuple(("absolute", a) for a in (0.25, 0.3, 0.4))
-
 
 def generate(n_cells: int, n_dims: int, seed: int, workdir: Path) -> None:
-    """Pseudo-label HDF5, one-fold folds CSV and the truth (lowered, positive masks) under workdir."""
+    """Pseudo-label HDF5, one-fold folds CSV and the truth (lowered mask) under workdir."""
     from src.denoising.synthetic import make_clustered_cells
 
     cells = make_clustered_cells(n_cells, n_dims=n_dims, seed=seed)
@@ -48,89 +52,145 @@ def generate(n_cells: int, n_dims: int, seed: int, workdir: Path) -> None:
     no_code = np.zeros(n_cells, np.int8)
     store.write_part(layout.pseudo_labels_h5, "bench", store.CellRows(
         image_ids, cell_indices, no_code.astype(np.uint8), no_code, cells.predictions.astype(np.float16),
-        cells.embeddings.astype(np.float16)))
+        cells.embeddings))
+    del cells.embeddings
     store.unify(layout.pseudo_labels_h5, compression=None)
     pd.DataFrame({"ID": image_ids.astype(str), "cell_i": cell_indices, "fold": 0}).to_csv(
         layout.denoising_folds_csv, index=False)
-    # predictions go through float16 in the HDF5: keep the truth on the stored values
-    np.savez(workdir / "truth.npz", lowered=cells.lowered, positive=cells.positive)
+    np.savez(workdir / "truth.npz", lowered=cells.lowered)
 
 
-def measure(workdir: Path, k: int, m: int, pca_dims: int, knn_method: str, seed: int) -> dict:
-    """Run the stage end to end in this process; seconds per step and peak RSS."""
+SEARCHES = {"auto": ["--knn-method", "auto"], "exact": ["--knn-method", "exact", "--pca-dims", "0"],
+            "exact-pca": ["--knn-method", "exact", "--pca-dims", "128"]}
+
+
+def measure(workdir: Path, search: str, k: int, m: int, seed: int) -> dict:
+    """Run the stage end to end in this process; seconds per step, peak RSS, search used, objective."""
     from src.denoising import graph_denoising
     from src.utils.io import setup_logging
 
     setup_logging()
+    graph_file = workdir / f"graph_{search}.npz"
     args = graph_denoising.build_parser().parse_args(
-        ["--fold", "0", "--output-dir", str(workdir), "-k", str(k), "--n-eigenvectors", str(m),
-         "--pca-dims", str(pca_dims), "--knn-method", knn_method, "--seed", str(seed)])
+        ["--fold", "0", "--output-dir", str(workdir), "-k", str(k), "--n-eigenvectors", str(m), *SEARCHES[search],
+         "--seed", str(seed), "--no-plots", "--precomputed-graph", str(graph_file)])
     started = time.perf_counter()
-    usage_before = resource.getrusage(resource.RUSAGE_SELF)
     summary = graph_denoising.denoise_fold(args)
     summary["seconds"] = time.perf_counter() - started
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    # CPU seconds of all threads: a measure of the work that other jobs on the machine do not inflate much
-    summary["cpu_seconds"] = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
     summary["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    out = OutputLayout(workdir).denoised_h5(0)
+    with h5py.File(out, "r") as h5:
+        summary.update(method=str(h5.attrs["knn_method"]), pca_dims=int(h5.attrs["pca_dims"]),
+                       recall=float(h5.attrs["knn_recall"]))
+    out.rename(out.with_name(f"fold0_{search}.h5"))
     return summary
+
+
+def edge_overlap(workdir: Path, exact_name: str) -> float:
+    """Share of the exact graph's edges that the approximate (auto) graph holds too."""
+    graphs = []
+    for name in (exact_name, "auto"):
+        with np.load(workdir / f"graph_{name}.npz") as saved:
+            graphs.append((saved["indptr"], saved["indices"]))
+    (exact_ptr, exact_idx), (approx_ptr, approx_idx) = graphs
+    shared = sum(len(np.intersect1d(exact_idx[exact_ptr[row]:exact_ptr[row + 1]],
+                                    approx_idx[approx_ptr[row]:approx_ptr[row + 1]], assume_unique=True))
+                 for row in range(len(exact_ptr) - 1))
+    return shared / len(exact_idx)
+
+
+def selection_figures(initial: np.ndarray, denoised: np.ndarray, lowered: np.ndarray) -> dict:
+    """Recall and precision of the lowered cells, pooled over the 19 classes, for both rules."""
+    from src.denoising.select_candidates import select_cells
+
+    figures = {}
+    for rule in ("quartiles", "reference"):
+        chosen = np.stack([select_cells(initial[:, c], denoised[:, c], rule=rule) for c in range(NUM_CLASSES)], 1)
+        hits = int((chosen & lowered).sum())
+        figures[rule] = (hits / max(int(lowered.sum()), 1), hits / max(int(chosen.sum()), 1))
+    return figures
+
+
+def cleanlab_figures(workdir: Path, seed: int) -> dict:
+    """cleanlab's per-class label issues among cells whose given label is 0, against the lowered cells."""
+    try:
+        from cleanlab.multilabel_classification.filter import find_multilabel_issues_per_class
+    except ImportError:
+        return {"error": "cleanlab not installed"}
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold
+
+    with h5py.File(OutputLayout(workdir).pseudo_labels_h5, "r") as h5:
+        predictions = h5["predictions"][:].astype(np.float32)
+        embeddings = h5["embeddings"][:].astype(np.float32)
+    lowered = np.load(workdir / "truth.npz")["lowered"]
+    started = time.perf_counter()
+    features = PCA(64, random_state=seed).fit_transform(embeddings)
+    del embeddings
+    given = predictions >= 0.5
+    out_of_fold = np.zeros_like(predictions)
+    for train, held in KFold(5, shuffle=True, random_state=seed).split(features):
+        for c in range(NUM_CLASSES):
+            if given[train, c].all() or not given[train, c].any():
+                out_of_fold[held, c] = given[train, c].mean()
+                continue
+            model = LogisticRegression(max_iter=200).fit(features[train], given[train, c])
+            out_of_fold[held, c] = model.predict_proba(features[held])[:, 1]
+    model_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    labels = [np.flatnonzero(row).tolist() for row in given]
+    issues = np.asarray(find_multilabel_issues_per_class(labels, out_of_fold, n_jobs=1), dtype=bool)
+    chosen = (issues if issues.shape == given.shape else issues.T) & ~given
+    hits = int((chosen & lowered).sum())
+    return {"recall": hits / max(int(lowered.sum()), 1), "precision": hits / max(int(chosen.sum()), 1),
+            "model_seconds": model_seconds, "seconds": time.perf_counter() - started}
 
 
 def reference_speed(n_cells: int, n_dims: int, k: int, m: int, seed: int) -> dict:
     """Fast path (exact kNN, no PCA) against the slow reference on the same cells: seconds and objectives."""
-    from src.denoising import graph, reference, solver
+    from src.denoising import graph, reference, solver, spectrum
     from src.denoising.graph_denoising import initial_labels
     from src.denoising.synthetic import make_clustered_cells
 
     cells = make_clustered_cells(n_cells, n_dims=n_dims, seed=seed, dtype=np.float32)
     initial = initial_labels(cells.predictions)
     started = time.perf_counter()
-    eigenvalues, vectors = graph.smallest_laplacian_eigenpairs(graph.knn_graph(cells.embeddings, k), m, seed=seed)
+    eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(graph.knn_graph(cells.embeddings, k), m, seed=seed)
     fast = solver.denoise(vectors, eigenvalues, initial)
     fast_seconds = time.perf_counter() - started
     fast_value = solver.objective(vectors, eigenvalues, fast.coefficients, fast.labels, initial, 0.001, 0.12)
     started = time.perf_counter()
     slow = reference.reference_pipeline(cells.embeddings, initial, k, m, 0.001, 0.12)
-    slow_seconds = time.perf_counter() - started
-    return {"fast_seconds": fast_seconds, "slow_seconds": slow_seconds, "fast_objective": fast_value,
-            "slow_objective": slow["objective"]}
+    return {"fast_seconds": fast_seconds, "slow_seconds": time.perf_counter() - started,
+            "fast_objective": fast_value, "slow_objective": slow["objective"]}
 
 
-def selection_quality(workdir: Path) -> list[dict]:
-    """Recall / precision of each selection rule for the lowered positives, pooled over the 19 classes
-    and for Mitotic spindle alone."""
-    from src.denoising.select_candidates import select_cells
+def selection_sets(count: int, seed: int) -> list[dict]:
+    """Selection figures on `count` data sets whose generator settings are drawn with `seed`."""
+    from src.denoising import graph, solver, spectrum
+    from src.denoising.graph_denoising import initial_labels
+    from src.denoising.synthetic import make_clustered_cells
 
-    truth = np.load(workdir / "truth.npz")
-    with h5py.File(OutputLayout(workdir).denoised_h5(0), "r") as h5:
-        initial, denoised = h5["Y_init"][:, :NUM_CLASSES], h5["Y_opt"][:, :NUM_CLASSES]
-    lowered = truth["lowered"]
-    mitotic = CLASS_NAMES.index("Mitotic spindle")
+    rng = np.random.default_rng(seed)
     rows = []
-    for rule, threshold in RULES:
-        selected = np.stack([select_cells(initial[:, c], denoised[:, c], 0.4, threshold) if rule == "fraction" else
-                             select_cells(initial[:, c], denoised[:, c], 0.4, denoised_above=threshold)
-                             for c in range(NUM_CLASSES)], axis=1)
-        for name, chosen, truly in (("all classes", selected, lowered),
-                                    ("Mitotic spindle", selected[:, mitotic], lowered[:, mitotic])):
-            hits = int((chosen & truly).sum())
-            rows.append({"rule": f"{rule} {threshold:.2f}", "classes": name, "lowered": int(truly.sum()),
-                         "selected": int(chosen.sum()), "recall": hits / max(int(truly.sum()), 1),
-                         "precision": hits / max(int(chosen.sum()), 1)})
+    for _ in range(count):
+        settings = {"n_cells": int(rng.integers(4000, 20001)), "n_dims": int(rng.choice([128, 384, 768, 1024])),
+                    "n_clusters": int(rng.integers(10, 81)), "center_scale": round(float(rng.uniform(0.2, 0.5)), 2),
+                    "latent_scale": round(float(rng.uniform(0.05, 0.25)), 2),
+                    "lowered_fraction": round(float(rng.uniform(0.15, 0.4)), 2), "seed": int(rng.integers(10 ** 6))}
+        cells = make_clustered_cells(dtype=np.float32, **settings)
+        initial = initial_labels(cells.predictions)
+        eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(graph.knn_graph(cells.embeddings, 200), 50)
+        denoised = solver.denoise(vectors, eigenvalues, initial).labels
+        rows.append({**settings, **selection_figures(initial[:, :NUM_CLASSES], denoised[:, :NUM_CLASSES],
+                                                     cells.lowered)})
     return rows
-
-
-def print_quality(rows: list[dict], n_cells: int) -> None:
-    print(f"selection quality on {n_cells} cells (Y_init < 0.4 and the rule; truth = positives lowered below 0.4):")
-    for row in rows:
-        print(f"  {row['rule']:<14} {row['classes']:<16} lowered {row['lowered']:>6} selected {row['selected']:>6} "
-              f"recall {row['recall']:.3f} precision {row['precision']:.3f}")
 
 
 def run_child(mode: list[str], args: argparse.Namespace) -> dict:
     """Run one step in a fresh process (own peak memory), with this run's settings."""
-    settings = ["--dims", str(args.dims), "-k", str(args.k), "-m", str(args.m), "--pca-dims", str(args.pca_dims),
-                "--knn-method", args.knn_method, "--seed", str(args.seed)]
+    settings = ["--dims", str(args.dims), "-k", str(args.k), "-m", str(args.m), "--seed", str(args.seed)]
     completed = subprocess.run([sys.executable, __file__, *settings, "--child", *mode], capture_output=True,
                                text=True, cwd=REPO_ROOT)
     if completed.returncode != 0:
@@ -138,58 +198,107 @@ def run_child(mode: list[str], args: argparse.Namespace) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def child(args: argparse.Namespace) -> None:
+    mode, *rest = args.child
+    if mode == "generate":
+        generate(int(rest[0]), args.dims, args.seed, Path(rest[1]))
+        result = {}
+    elif mode == "measure":
+        result = measure(Path(rest[0]), rest[1], args.k, args.m, args.seed)
+    elif mode == "cleanlab":
+        result = cleanlab_figures(Path(rest[0]), args.seed)
+    elif mode == "reference":
+        result = reference_speed(int(rest[0]), args.dims, args.k, args.m, args.seed)
+    else:
+        result = {"sets": selection_sets(int(rest[0]), args.seed + 1000)}
+    print(json.dumps(result))
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "?"
+
+
+def percent_pair(pair) -> str:
+    return f"{100 * pair[0]:3.0f}/{100 * pair[1]:3.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000])
+    parser.add_argument("--exact-up-to", type=int, default=100_000,
+                        help="also run the exact search in the same PCA space up to N cells")
+    parser.add_argument("--full-exact-up-to", type=int, default=30_000,
+                        help="also run the exact search in all dimensions up to N cells")
+    parser.add_argument("--cleanlab-up-to", type=int, default=100_000)
     parser.add_argument("--dims", type=int, default=1024)
     parser.add_argument("-k", type=int, default=200)
     parser.add_argument("-m", type=int, default=50)
-    parser.add_argument("--pca-dims", type=int, default=128, help="PCA before the kNN search (0 = exact in full dims)")
-    parser.add_argument("--knn-method", default="exact", choices=["exact", "ivf"])
-    parser.add_argument("--reference-size", type=int, default=5000, help="0 = skip the slow reference")
+    parser.add_argument("--reference-size", type=int, default=3000, help="0 = skip the slow reference")
+    parser.add_argument("--selection-sets", type=int, default=4, help="0 = skip")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, *rest = args.child
-        if mode == "generate":
-            generate(int(rest[0]), args.dims, args.seed, Path(rest[1]))
-            print(json.dumps({}))
-        elif mode == "measure":
-            print(json.dumps(measure(Path(rest[0]), args.k, args.m, args.pca_dims, args.knn_method, args.seed)))
-        elif mode == "reference":
-            print(json.dumps(reference_speed(int(rest[0]), args.dims, args.k, args.m, args.seed)))
+        child(args)
         return
 
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else "?"
-    print(f"graph denoising bench: dims {args.dims}, k {args.k}, m {args.m}, PCA {args.pca_dims or 'off'}, "
-          f"kNN {args.knn_method}, seed {args.seed}; load average at start {' '.join(load)}")
-    print(f"{'cells':>8} {'total s':>8} {'cpu s':>6} {'load':>6} {'graph':>6} {'eigen':>6} {'solve':>6} {'write':>6} "
-          f"{'iters':>5} {'peak GB':>8}")
-    qualities = {}
+    print(f"graph denoising bench: dims {args.dims}, k {args.k} (self counted), m {args.m}, seed {args.seed}; "
+          f"load average at start {load_average()} (2 cores shared with other work)")
+    print("times in s (wall); recall: sampled kNN recall against exact search in the same space; on an exact "
+          "row, edges and obj gap: the auto (approximate) run's share of this graph's edges and its objective "
+          "relative to this run's; sel R/P in %: quartiles (default) and reference rule; cleanlab R/P in %")
+    header = (f"{'cells':>8} {'search':>10} {'load':>5} {'graph':>6} {'eigen':>6} {'solve':>5} {'write':>5} "
+              f"{'total':>6} {'peakGB':>6} {'recall':>6} {'edges':>6} {'obj gap':>8} {'quartiles':>9} "
+              f"{'reference':>9} {'cleanlab':>9} {'cl s':>6} {'load avg':>8}")
+    print(header, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_denoise_") as tmp:
         for n_cells in args.sizes:
             workdir = Path(tmp) / f"n{n_cells}"
             run_child(["generate", str(n_cells), str(workdir)], args)
-            result = run_child(["measure", str(workdir)], args)
-            steps = result["timings"]
-            print(f"{n_cells:>8} {result['seconds']:>8.1f} {result['cpu_seconds']:>6.1f} {steps['load']:>6.1f} "
-                  f"{steps['graph']:>6.1f} {steps['eigen']:>6.1f} {steps['solve']:>6.1f} {steps['write']:>6.1f} {result['iterations']:>5} "
-                  f"{result['peak_rss_gb']:>8.2f}", flush=True)
-            qualities[n_cells] = selection_quality(workdir)
+            lowered = np.load(workdir / "truth.npz")["lowered"]
+            runs = [("auto", run_child(["measure", str(workdir), "auto"], args))]
+            if n_cells <= args.exact_up_to and runs[0][1]["method"] != "exact":
+                exact_names = ("exact-pca", "exact") if n_cells <= args.full_exact_up_to else ("exact-pca",)
+                runs += [(name, run_child(["measure", str(workdir), name], args)) for name in exact_names]
+            gaps = {name: result["objective"] / runs[0][1]["objective"] for name, result in runs[1:]}
+            overlaps = {name: edge_overlap(workdir, name) for name, _ in runs[1:]}
+            cleanlab = run_child(["cleanlab", str(workdir)], args) if n_cells <= args.cleanlab_up_to else {}
+            for name, result in runs:
+                with h5py.File(workdir / "denoising" / f"fold0_{name}.h5", "r") as h5:
+                    figures = selection_figures(h5["Y_init"][:, :NUM_CLASSES], h5["Y_opt"][:, :NUM_CLASSES], lowered)
+                steps = result["timings"]
+                search = result["method"] + (f"+pca{result['pca_dims']}" if result["pca_dims"] > 0 else "")
+                is_auto = name == "auto"
+                # the gap and edge share are those of the approximate (auto) run against this exact run
+                edges = f"{overlaps[name]:.3f}" if name in overlaps else "-"
+                objective_gap = f"{100 * (1 / gaps[name] - 1):+.2f}%" if name in gaps else "-"
+                cleanlab_pair, cleanlab_seconds = "-", "-"
+                if is_auto and "recall" in cleanlab:
+                    cleanlab_pair = percent_pair((cleanlab["recall"], cleanlab["precision"]))
+                    cleanlab_seconds = f"{cleanlab['model_seconds'] + cleanlab['seconds']:.0f}"
+                elif is_auto and "error" in cleanlab:
+                    cleanlab_pair = "missing"
+                print(f"{n_cells:>8} {search:>10} {steps['load']:>5.1f} {steps['graph']:>6.1f} {steps['eigen']:>6.1f} "
+                      f"{steps['solve']:>5.1f} {steps['write']:>5.1f} {result['seconds']:>6.1f} "
+                      f"{result['peak_rss_gb']:>6.2f} {result['recall']:>6.3f} {edges:>6} {objective_gap:>8} "
+                      f"{percent_pair(figures['quartiles']):>9} {percent_pair(figures['reference']):>9} "
+                      f"{cleanlab_pair:>9} {cleanlab_seconds:>6} {load_average().split()[0]:>8}", flush=True)
+            if "error" in cleanlab:
+                print(f"  ({cleanlab['error']}: install it to compare, see the README)")
             shutil.rmtree(workdir)
-    for n_cells, rows in qualities.items():
-        print()
-        print_quality(rows if n_cells == args.sizes[-1] else [r for r in rows if r["classes"] == "all classes"],
-                      n_cells)
     if args.reference_size:
         speed = run_child(["reference", str(args.reference_size)], args)
-        gap = abs(speed["fast_objective"] - speed["slow_objective"]) / speed["slow_objective"]
-        print(f"\nslow reference vs fast path at {args.reference_size} cells (exact kNN in {args.dims} dims): "
-              f"slow {speed['slow_seconds']:.1f} s, fast {speed['fast_seconds']:.1f} s, "
-              f"ratio {speed['slow_seconds'] / speed['fast_seconds']:.0f}x; objective gap {100 * gap:.4f}%")
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else "?"
-    print(f"load average at end {' '.join(load)} (2 cores shared with other work)")
+        gap = speed["fast_objective"] / speed["slow_objective"] - 1
+        print(f"\nslow reference vs fast path at {args.reference_size} cells (exact kNN, {args.dims} dims): slow "
+              f"{speed['slow_seconds']:.1f} s, fast {speed['fast_seconds']:.1f} s; objective gap {100 * gap:+.4f}%")
+    if args.selection_sets:
+        print(f"\nselection of planted missed labels on {args.selection_sets} more generated sets (settings drawn "
+              f"with seed {args.seed + 1000}; exact search, defaults): recall/precision in %")
+        for row in run_child(["sets", str(args.selection_sets)], args)["sets"]:
+            settings = ", ".join(f"{key} {row[key]}" for key in ("n_cells", "n_dims", "n_clusters", "center_scale",
+                                                                  "latent_scale", "lowered_fraction", "seed"))
+            print(f"  {settings}: quartiles {percent_pair(row['quartiles'])}, reference {percent_pair(row['reference'])}")
+    print(f"load average at end {load_average()}")
 
 
 if __name__ == "__main__":

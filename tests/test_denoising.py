@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from src.data.classes import CLASS_NAMES, NUM_CLASSES
 from src.data.schema import OutputLayout
-from src.denoising import graph, graph_denoising, reference, select_candidates, solver
+from src.denoising import graph, graph_denoising, reference, select_candidates, solver, spectrum
 from src.denoising.synthetic import make_clustered_cells
 from src.predict import pseudo_label_store as store
 from src.utils.io import UserInputError
@@ -89,7 +89,7 @@ def test_knn_graph_symmetric_binary_and_exact():
     assert (adjacency != adjacency.T).nnz == 0
     assert set(np.unique(adjacency.data)) == {1.0}
     assert adjacency.diagonal().sum() == 0
-    assert np.diff(adjacency.indptr).min() >= k
+    assert np.diff(adjacency.indptr).min() >= k - 1
     expected = reference.reference_adjacency(cells.embeddings, k)
     np.testing.assert_array_equal(adjacency.toarray(), expected)
 
@@ -120,7 +120,7 @@ def test_duplicate_embeddings_still_get_k_other_neighbours():
 def test_eigenpairs_match_dense_eigh():
     cells = small_cells(900)
     adjacency = graph.knn_graph(cells.embeddings, 12)
-    eigenvalues, vectors = graph.smallest_laplacian_eigenpairs(adjacency, 20)  # 900 > 500: Lanczos path
+    eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(adjacency, 20)  # 900 > 500: Lanczos path
     expected, _ = reference.reference_eigenpairs(adjacency.toarray().astype(np.float64), 20)
     np.testing.assert_allclose(eigenvalues, expected, atol=2e-4)
     np.testing.assert_allclose(vectors.T @ vectors, np.eye(20), atol=1e-4)
@@ -132,9 +132,9 @@ def test_eigenpairs_match_dense_eigh():
 
 def test_isolated_node_has_no_nan():
     adjacency = sp.csr_matrix(np.array([[0, 1, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]], dtype=np.float32))
-    normalized, degrees = graph.normalized_adjacency(adjacency)
+    normalized, degrees = spectrum.normalized_adjacency(adjacency)
     assert np.isfinite(normalized.toarray()).all() and degrees[3] == 0
-    eigenvalues, vectors = graph.smallest_laplacian_eigenpairs(adjacency, 2)
+    eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(adjacency, 2)
     np.testing.assert_allclose(eigenvalues, [0.0, 1.0], atol=1e-5)
     assert np.isfinite(vectors).all()
 
@@ -147,7 +147,7 @@ def test_fast_path_reaches_reference_objective():
     k, m, lam, gamma = 20, 15, 0.001, 0.12
     slow = reference.reference_pipeline(cells.embeddings, initial, k, m, lam, gamma)
     adjacency = graph.knn_graph(cells.embeddings, k)
-    eigenvalues, vectors = graph.smallest_laplacian_eigenpairs(adjacency, m)
+    eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(adjacency, m)
     fast = solver.denoise(vectors, eigenvalues, initial, lam, gamma, track_objective=True)
     fast_value = solver.objective(vectors, eigenvalues, fast.coefficients, fast.labels, initial, lam, gamma)
     assert fast.converged
@@ -161,7 +161,7 @@ def test_denoising_lifts_lowered_positives():
     cells = make_clustered_cells(1500, n_dims=64, n_clusters=8, center_scale=0.6, latent_scale=0.2, seed=6,
                                  dtype=np.float32)
     initial = with_nothing_there(cells.predictions)
-    eigenvalues, vectors = graph.smallest_laplacian_eigenpairs(graph.knn_graph(cells.embeddings, 30), 20)
+    eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(graph.knn_graph(cells.embeddings, 30), 20)
     denoised = solver.denoise(vectors, eigenvalues, initial).labels[:, :NUM_CLASSES]
     low = initial[:, :NUM_CLASSES] < 0.4
     lowered_positive = denoised[cells.lowered]
@@ -181,21 +181,21 @@ def test_nan_embeddings_raise():
 
 
 def test_fewer_cells_than_k_raises():
-    with pytest.raises(UserInputError, match="more than k"):
-        graph.knn_graph(np.random.default_rng(0).normal(size=(20, 5)).astype(np.float32), 20)
+    with pytest.raises(UserInputError, match="at least k"):
+        graph.knn_graph(np.random.default_rng(0).normal(size=(19, 5)).astype(np.float32), 20)
     adjacency = graph.knn_graph(np.random.default_rng(0).normal(size=(30, 5)).astype(np.float32), 5)
     with pytest.raises(UserInputError, match="0 < m < N"):
-        graph.smallest_laplacian_eigenpairs(adjacency, 30)
+        spectrum.smallest_laplacian_eigenpairs(adjacency, 30)
 
 
 def test_zero_norm_cells_are_isolated_and_keep_their_labels():
     cells = small_cells(600)
     cells.embeddings[[3, 100]] = 0.0
-    adjacency = graph.knn_graph(cells.embeddings, 10)
+    adjacency = graph.knn_graph(cells.embeddings, 11, metric="cosine")
     degrees = np.diff(adjacency.indptr)
     assert degrees[3] == 0 and degrees[100] == 0 and np.delete(degrees, [3, 100]).min() >= 10
     initial = with_nothing_there(cells.predictions)
-    eigenvalues, vectors = graph.smallest_laplacian_eigenpairs(adjacency, 10)
+    eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(adjacency, 10)
     result = solver.denoise(vectors, eigenvalues, initial, frozen_rows=degrees == 0)
     np.testing.assert_array_equal(result.labels[[3, 100]], initial[[3, 100]])
     assert np.isfinite(result.labels).all()
@@ -263,7 +263,7 @@ def test_cli_bad_input(tmp_path):
     base = ["--output-dir", str(tmp_path), "--no-plots"]
     with pytest.raises(UserInputError, match="fold 5 not in"):
         graph_denoising.main(["--fold", "5"] + base)
-    with pytest.raises(UserInputError, match="more than k"):
+    with pytest.raises(UserInputError, match="at least k"):
         graph_denoising.main(["--fold", "0", "-k", "200"] + base)
     with pytest.raises(UserInputError, match="not found"):
         graph_denoising.main(["--fold", "0", "--pseudo-labels", str(tmp_path / "absent.h5")] + base)
@@ -282,7 +282,8 @@ def test_cli_zero_norm_and_nan_embeddings(tmp_path):
         embeddings = h5["embeddings"][:]
         embeddings[zero_rows] = 0
         h5["embeddings"][...] = embeddings
-    argv = ["--fold", "0", "--output-dir", str(tmp_path), "-k", "10", "--n-eigenvectors", "5", "--no-plots"]
+    argv = ["--fold", "0", "--output-dir", str(tmp_path), "-k", "10", "--n-eigenvectors", "5", "--no-plots",
+            "--metric", "cosine"]
     assert graph_denoising.main(argv) == 0
     with h5py.File(layout.denoised_h5(0), "r") as h5:
         out_keys = pd.DataFrame({"ID": h5["image_id"][:].astype(str), "cell_i": h5["cell_i"][:]})
@@ -331,7 +332,8 @@ def test_select_candidates_on_constructed_case(tmp_path):
         return np.full((16, 16, 4), 128, np.uint8) if image_id == "a" else None
 
     args = select_candidates.build_parser().parse_args(
-        ["--class", "Mitotic spindle", "--output-dir", str(layout.root), "--input-dir", str(tmp_path / "input")])
+        ["--class", "Mitotic spindle", "--rule", "reference", "--output-dir", str(layout.root),
+         "--input-dir", str(tmp_path / "input")])
     selected = select_candidates.run(args, load_crop=fake_crop)
     csv_path = tmp_path / "input" / "mitotic_cells_selection.csv"
     table = pd.read_csv(csv_path, dtype={"ID": str})
@@ -341,7 +343,7 @@ def test_select_candidates_on_constructed_case(tmp_path):
     assert (layout.root / "denoising" / "mitotic_selection_grid.png").is_file()
     # one fold only, without any crop loader
     args = select_candidates.build_parser().parse_args(
-        ["--class", "11", "--folds", "1", "--output-dir", str(layout.root), "--out", str(tmp_path / "s.csv"),
+        ["--class", "11", "--rule", "reference", "--folds", "1", "--output-dir", str(layout.root), "--out", str(tmp_path / "s.csv"),
          "--grid-png", str(tmp_path / "grid.png")])
     select_candidates.run(args)
     assert pd.read_csv(tmp_path / "s.csv")["ID"].tolist() == ["e", "f"] and (tmp_path / "grid.png").is_file()
@@ -354,7 +356,7 @@ def test_select_cells_nothing_when_max_is_zero():
 def test_select_cells_absolute_threshold_ignores_the_maximum():
     initial = np.array([0.1, 0.2, 0.5, 0.3])
     denoised = np.array([0.6, 0.3, 0.9, 3.0])  # a hub cell at 3.0 would set the relative threshold to 2.76
-    assert select_candidates.select_cells(initial, denoised).tolist() == [False, False, False, True]
+    assert select_candidates.select_cells(initial, denoised, rule="reference").tolist() == [False, False, False, True]
     assert select_candidates.select_cells(initial, denoised, denoised_above=0.5).tolist() == [True, False, False, True]
 
 
@@ -365,3 +367,19 @@ def test_select_candidates_bad_input(tmp_path):
     with pytest.raises(UserInputError, match="unknown class"):
         select_candidates.run(parse(["--class", "Spindle-ish", "--output-dir", str(tmp_path)]))
     assert isinstance(parse(["--class", "0"]), argparse.Namespace)
+
+
+def test_quartile_rule_by_hand():
+    # confident positives (Y_init >= 0.6): Y_opt 0.6, 0.7, 0.8, 0.9 -> lower quartile 0.675
+    # low cells (Y_init < 0.4): Y_opt 0.0, 0.1, 0.1, 0.2, 0.5, 0.65 -> upper quartile 0.2 + 0.75 * 0.3 = 0.425
+    # threshold (0.675 + 0.425) / 2 = 0.55: of the low cells only the one at 0.65 is selected
+    initial = np.array([0.9, 0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.1, 0.0, 0.35, 0.5])
+    denoised = np.array([0.6, 0.7, 0.8, 0.9, 0.0, 0.1, 0.1, 0.2, 0.5, 0.65, 0.95])
+    threshold = select_candidates.selection_threshold(initial, denoised)
+    assert threshold == pytest.approx(0.55)
+    assert np.flatnonzero(select_candidates.select_cells(initial, denoised)).tolist() == [9]
+    # the rule is scale-free: multiplying Y_opt by 3 (a hub-inflated scale) selects the same cells
+    assert np.flatnonzero(select_candidates.select_cells(initial, 3 * denoised)).tolist() == [9]
+    # overlapping groups or no confident positive: nothing
+    assert not select_candidates.select_cells(initial, np.full(11, 0.3)).any()
+    assert not select_candidates.select_cells(np.full(11, 0.2), denoised).any()

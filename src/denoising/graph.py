@@ -1,9 +1,9 @@
-"""kNN graph of cell embeddings and the smallest eigenpairs of its normalised Laplacian.
+"""kNN graph of cell embeddings (its Laplacian eigenpairs: src.denoising.spectrum).
 
-The graph: every cell linked to its k nearest other cells, 0/1 weights, symmetrised by
-W = max(W, W^T), so every cell has degree >= k. Its normalised Laplacian is
-L = I - D^-1/2 W D^-1/2. The m smallest eigenpairs of L are the m largest of
-S = D^-1/2 W D^-1/2 (e = 1 - mu), found by Lanczos on S without shift-invert.
+The graph follows the reference's conventions: k counts the cell itself as its own first neighbour
+(as sklearn's kneighbors_graph(include_self=True) on the training set does), so k = 200 links each
+cell to its 199 nearest other cells; Euclidean distance on the raw embeddings; 0/1 weights,
+symmetrised by W = max(W, W^T), no self loops, so every cell has degree >= k - 1.
 
 Everything is float32 and processed in row blocks so memory stays near the size of the inputs.
 """
@@ -19,20 +19,20 @@ from pathlib import Path
 import faiss
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from src.utils.io import UserInputError, atomic_path
 
-try:  # installed with scikit-learn
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    def threadpool_limits(*_args, **_kwargs):
-        return contextlib.nullcontext()
-
 log = logging.getLogger(__name__)
 
-METRICS = ("cosine", "l2")
-KNN_METHODS = ("exact", "ivf")
+METRICS = ("l2", "cosine")
+KNN_METHODS = ("auto", "exact", "ivf")
+# 'auto' searches exactly up to this many cells and with inverted lists above (exact cost grows as N^2:
+# 100k x 1024-d took 108 s exactly on 2 cores, 1M would take ~3 h)
+EXACT_MAX_CELLS = 60_000
+APPROXIMATE_PCA_DIMS = 128  # 'auto' above EXACT_MAX_CELLS: wider embeddings are projected to this first
+RECALL_SAMPLE = 1000  # rows whose approximate neighbours are checked against an exact search
+PROBE_TARGET_RECALL = 0.97  # sampled recall the inverted-list search is tuned to (0.95 wanted, with margin)
+PROBE_SAMPLE = 300
 DEFAULT_BLOCK_ROWS = 8192
 FAISS_DATABASE_BLOCK = 16384  # rows; the distance buffer is 4096 x this float32 (256 MB)
 PCA_FIT_ROWS = 32768  # principal components of 1024-d rows are stable well before this many rows
@@ -50,67 +50,75 @@ def check_finite_rows(embeddings: np.ndarray, block_rows: int = DEFAULT_BLOCK_RO
                              "fix the pseudo-labelling output before denoising")
 
 
-def prepare_points(embeddings: np.ndarray, metric: str = "cosine", pca_dims: int = 0,
-                   block_rows: int = DEFAULT_BLOCK_ROWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _float_block(embeddings, start: int, stop: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows start:stop as float32 (L2-normalised under 'cosine') and their usable mask."""
+    block = np.asarray(embeddings[start:stop], dtype=np.float32)
+    usable = np.ones(len(block), dtype=bool)
+    if metric == "cosine":
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        usable = norms > 0
+        block = block / np.where(usable, norms, 1.0)[:, None]
+    return block, usable
+
+
+def prepare_points(embeddings, metric: str = "l2", pca_dims: int = 0, block_rows: int = DEFAULT_BLOCK_ROWS,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Float32 search points from raw embeddings, and a mask of rows that can take part in the graph.
 
     Args:
-        embeddings: (N, D) array of any float type (float16 from the HDF5 is fine).
-        metric: 'cosine' (rows L2-normalised, then L2 search: the same neighbours as cosine) or 'l2'.
-        pca_dims: project onto this many principal components before the search (0 = keep all).
-            Distances between projected rows approximate the full ones; it makes the search ~D/pca_dims faster.
-            The components are fitted on at most PCA_FIT_ROWS rows drawn with `seed`.
+        embeddings: (N, D) array of any float type, or anything with .shape and row slicing (the
+            rows are read block_rows at a time, so an HDF5-backed reader streams).
+        metric: 'l2' (the reference's) or 'cosine' (rows L2-normalised, then L2 search: the same
+            neighbours as cosine distance).
+        pca_dims: project onto this many principal components before the search (0 = keep all),
+            fitted on at most PCA_FIT_ROWS rows drawn with `seed`; each block is projected as it
+            is read, so the full-width float32 copy is never held.
     Returns:
         points (N, D') float32 C-contiguous, usable (N,) bool: False for zero-norm rows under
         'cosine' (direction undefined); such cells get no edges and the caller leaves their labels as they are.
     """
     if metric not in METRICS:
         raise UserInputError(f"unknown metric {metric!r}; choose one of {METRICS}")
-    if embeddings.ndim != 2 or len(embeddings) == 0:
+    if len(embeddings.shape) != 2 or embeddings.shape[0] == 0:
         raise UserInputError(f"embeddings must be a non-empty 2-D array, got shape {embeddings.shape}")
     check_finite_rows(embeddings, block_rows)
     n_rows, n_dims = embeddings.shape
-    points = np.empty((n_rows, n_dims), dtype=np.float32)
     usable = np.ones(n_rows, dtype=bool)
+    if not 0 < pca_dims < n_dims:
+        points = np.empty((n_rows, n_dims), dtype=np.float32)
+        for start in range(0, n_rows, block_rows):
+            stop = min(start + block_rows, n_rows)
+            points[start:stop], usable[start:stop] = _float_block(embeddings, start, stop, metric)
+        return points, usable
+    fit_rows = np.sort(np.random.default_rng(seed).permutation(n_rows)[:PCA_FIT_ROWS])
+    fit_blocks = []
     for start in range(0, n_rows, block_rows):
-        block = np.asarray(embeddings[start:start + block_rows], dtype=np.float32)
-        if metric == "cosine":
-            norms = np.sqrt(np.einsum("ij,ij->i", block, block))
-            usable[start:start + len(block)] = norms > 0
-            block = block / np.where(norms > 0, norms, 1.0)[:, None]
-        points[start:start + len(block)] = block
-    if 0 < pca_dims < n_dims:
-        fit_rows = np.flatnonzero(usable)
-        if len(fit_rows) > PCA_FIT_ROWS:
-            fit_rows = np.sort(np.random.default_rng(seed).choice(fit_rows, PCA_FIT_ROWS, replace=False))
-        points = pca_project(points, pca_dims, fit_rows, block_rows)
+        stop = min(start + block_rows, n_rows)
+        block, usable[start:stop] = _float_block(embeddings, start, stop, metric)
+        chosen = fit_rows[(fit_rows >= start) & (fit_rows < stop)] - start
+        fit_blocks.append(block[chosen[usable[start + chosen]]])
+    mean, components = pca_components(np.concatenate(fit_blocks), pca_dims)
+    points = np.empty((n_rows, pca_dims), dtype=np.float32)
+    for start in range(0, n_rows, block_rows):
+        stop = min(start + block_rows, n_rows)
+        points[start:stop] = (_float_block(embeddings, start, stop, metric)[0] - mean) @ components
     return points, usable
 
 
-def pca_project(points: np.ndarray, n_components: int, fit_rows: np.ndarray | None = None,
-                block_rows: int = DEFAULT_BLOCK_ROWS) -> np.ndarray:
-    """Project all rows onto the top principal components of points[fit_rows] (default: all rows),
-    found from their covariance with eigh (deterministic)."""
-    n_rows, n_dims = points.shape
-    fit_rows = np.arange(n_rows) if fit_rows is None else fit_rows
-    mean = points[fit_rows].mean(axis=0, dtype=np.float64)
-    gram = np.zeros((n_dims, n_dims), dtype=np.float64)
-    for start in range(0, len(fit_rows), block_rows):
-        block = points[fit_rows[start:start + block_rows]]
-        gram += (block.T @ block).astype(np.float64)
-    covariance = gram / len(fit_rows) - np.outer(mean, mean)
+def pca_components(sample: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and top principal directions (D, n_components) float32 of the sample rows, from the
+    covariance with eigh (deterministic)."""
+    mean = sample.mean(axis=0, dtype=np.float64)
+    covariance = (sample.T @ sample).astype(np.float64) / len(sample) - np.outer(mean, mean)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     components = np.ascontiguousarray(eigenvectors[:, ::-1][:, :n_components], dtype=np.float32)
     kept = eigenvalues[::-1][:n_components].sum() / max(eigenvalues.sum(), 1e-30)
-    log.info("PCA %d -> %d dims keeps %.1f%% of the variance", n_dims, n_components, 100 * kept)
-    projected = np.empty((n_rows, n_components), dtype=np.float32)
-    mean32 = mean.astype(np.float32)
-    for start in range(0, n_rows, block_rows):
-        projected[start:start + block_rows] = (points[start:start + block_rows] - mean32) @ components
-    return projected
+    log.info("PCA %d -> %d dims keeps %.1f%% of the variance (fitted on %d rows)", sample.shape[1], n_components,
+             100 * kept, len(sample))
+    return mean.astype(np.float32), components
 
 
-def _build_index(points: np.ndarray, method: str, seed: int, ivf_lists: int, ivf_probe: int) -> faiss.Index:
+def _build_index(points: np.ndarray, method: str, seed: int, ivf_lists: int) -> faiss.Index:
     n_rows, n_dims = points.shape
     if method == "exact":
         index = faiss.IndexFlatL2(n_dims)
@@ -119,28 +127,55 @@ def _build_index(points: np.ndarray, method: str, seed: int, ivf_lists: int, ivf
         quantizer = faiss.IndexFlatL2(n_dims)
         index = faiss.IndexIVFFlat(quantizer, n_dims, n_lists, faiss.METRIC_L2)
         index.cp.seed = seed
-        training = points[np.random.default_rng(seed).permutation(n_rows)[:min(n_rows, 256 * n_lists)]]
+        training = points[np.random.default_rng(seed).permutation(n_rows)[:min(n_rows, 64 * n_lists)]]
         index.train(np.ascontiguousarray(training))
-        index.nprobe = min(ivf_probe, n_lists)
     else:
         raise UserInputError(f"unknown kNN method {method!r}; choose one of {KNN_METHODS}")
     index.add(points)
     return index
 
 
+def _recall_of(found: np.ndarray, exact: np.ndarray, rows: np.ndarray, k: int) -> float:
+    """Mean share of each row's k exact nearest others (row itself removed) present in `found`."""
+    hits = [len(np.intersect1d(truth[truth != row][:k], got[got != row])) for row, truth, got in zip(rows, exact, found)]
+    return float(np.sum(hits) / (len(rows) * k))
+
+
+def choose_probe(index: faiss.Index, points: np.ndarray, k: int, seed: int, target: float = PROBE_TARGET_RECALL,
+                 sample: int = PROBE_SAMPLE) -> int:
+    """Smallest nprobe (doubling from 8) whose recall on `sample` rows reaches `target`, found by
+    comparing with an exact search of those rows; the data decides, not a constant."""
+    rows = np.sort(np.random.default_rng(seed + 1).permutation(len(points))[:sample])
+    queries = np.ascontiguousarray(points[rows])
+    _, exact = faiss.knn(queries, points, k + 1)
+    n_probe, recall = 8, 0.0
+    while True:
+        index.nprobe = min(n_probe, index.nlist)
+        recall = _recall_of(index.search(queries, k + 1)[1], exact, rows, k)
+        if recall >= target or index.nprobe == index.nlist or n_probe >= index.nlist // 4:
+            break
+        n_probe *= 2
+    log.info("inverted lists: %d lists, nprobe %d gives recall %.3f on %d sampled cells%s", index.nlist, index.nprobe,
+             recall, len(rows), "" if recall >= target else f" (below the target {target})")
+    return index.nprobe
+
+
 def knn_indices(points: np.ndarray, k: int, method: str = "exact", block_rows: int = DEFAULT_BLOCK_ROWS,
-                seed: int = 0, ivf_lists: int = 0, ivf_probe: int = 32) -> np.ndarray:
+                seed: int = 0, ivf_lists: int = 0, ivf_probe: int = 0) -> np.ndarray:
     """(N, k) int32 indices of each row's k nearest other rows (L2), -1 where fewer were found.
 
     Searches k+1 neighbours and drops the row itself; when exact duplicates push the row out of its
-    own k+1 list, the farthest of the k+1 is dropped instead.
+    own k+1 list, the farthest of the k+1 is dropped instead. For 'ivf', ivf_probe = 0 chooses the
+    number of probed lists from the data (choose_probe).
     """
     n_rows = len(points)
     if n_rows <= k:
-        raise UserInputError(f"{n_rows} cells but k = {k} neighbours wanted; a kNN graph needs more than k "
+        raise UserInputError(f"{n_rows} cells but {k} other neighbours wanted per cell; a kNN graph needs more "
                              "cells (use a smaller --n-neighbors or a larger fold)")
     points = np.ascontiguousarray(points, dtype=np.float32)
-    index = _build_index(points, method, seed, ivf_lists, ivf_probe)
+    index = _build_index(points, method, seed, ivf_lists)
+    if method == "ivf":
+        index.nprobe = min(ivf_probe, index.nlist) if ivf_probe else choose_probe(index, points, k, seed)
     neighbours = np.empty((n_rows, k), dtype=np.int32)
     started = time.perf_counter()
     with _faiss_database_block(FAISS_DATABASE_BLOCK):
@@ -199,98 +234,77 @@ def adjacency_from_neighbours(neighbours: np.ndarray) -> sp.csr_matrix:
     return symmetric.astype(np.float32)
 
 
-def knn_graph(embeddings: np.ndarray, k: int = 200, metric: str = "cosine", pca_dims: int = 0,
-              method: str = "exact", seed: int = 0, block_rows: int = DEFAULT_BLOCK_ROWS) -> sp.csr_matrix:
-    """Symmetrised 0/1 kNN adjacency (N x N CSR, float32) of the embeddings.
+def choose_search(n_cells: int, n_dims: int, method: str = "auto", pca_dims: int | None = None) -> tuple[str, int]:
+    """(kNN method, PCA dims) for 'auto': exact search in full dims up to EXACT_MAX_CELLS, else
+    inverted lists on the embeddings projected to APPROXIMATE_PCA_DIMS. An explicit method or
+    pca_dims (0 = off) is kept."""
+    if method not in KNN_METHODS:
+        raise UserInputError(f"unknown kNN method {method!r}; choose one of {KNN_METHODS}")
+    if method == "auto":
+        method = "exact" if n_cells <= EXACT_MAX_CELLS else "ivf"
+    if pca_dims is None:
+        pca_dims = APPROXIMATE_PCA_DIMS if method == "ivf" and n_dims > APPROXIMATE_PCA_DIMS else 0
+    return method, pca_dims
+
+
+def sampled_recall(points: np.ndarray, neighbours: np.ndarray, seed: int = 0, sample: int = RECALL_SAMPLE) -> float:
+    """Mean share of the exact k nearest others (in the same search space) that `neighbours` found,
+    over `sample` rows drawn with `seed` (other rows than choose_probe's)."""
+    k = neighbours.shape[1]
+    rows = np.sort(np.random.default_rng(seed + 2).permutation(len(points))[:sample])
+    _, exact = faiss.knn(np.ascontiguousarray(points[rows]), points, k + 1)
+    return _recall_of(neighbours[rows], exact, rows, k)
+
+
+def knn_graph(embeddings, k: int = 200, metric: str = "l2", pca_dims: int | None = None, method: str = "auto",
+              seed: int = 0, block_rows: int = DEFAULT_BLOCK_ROWS, info: dict | None = None) -> sp.csr_matrix:
+    """Symmetrised 0/1 kNN adjacency (N x N CSR, float32) of the embeddings, the reference's way.
 
     Args:
-        embeddings: (N, D) embeddings; NaN/inf raise UserInputError.
-        k: neighbours per cell (N must exceed k).
-        metric: 'cosine' (default) or 'l2'. Under 'cosine' zero-norm rows get no edges (degree 0).
-        pca_dims: principal components kept before the search (0 = off).
-        method: 'exact' (faiss flat index) or 'ivf' (faiss inverted lists: approximate, faster).
-        seed: draws the PCA fitting sample and the 'ivf' training sample.
+        embeddings: (N, D) embeddings (or a row-sliceable reader, see prepare_points); NaN/inf raise UserInputError.
+        k: neighbours per cell counting the cell itself, as the reference counts them: each cell is
+            linked to its k - 1 nearest others (N must be at least k).
+        metric: 'l2' (default, the reference's) or 'cosine'. Under 'cosine' zero-norm rows get no edges.
+        pca_dims: principal components kept before the search (0 = off; None = chosen with the method).
+        method: 'auto' (exact up to EXACT_MAX_CELLS, else 'ivf'), 'exact' (faiss flat index) or 'ivf'
+            (faiss inverted lists: approximate, its recall on a sample is logged).
+        seed: draws the PCA fitting sample, the 'ivf' training sample and the recall sample.
+        info: if given, filled with the method, PCA dims and sampled recall used.
     """
+    n_rows, n_dims = embeddings.shape
+    if k < 2:
+        raise UserInputError(f"k = {k}: k counts the cell itself (as in the reference), so it must be >= 2")
+    if n_rows < k:
+        raise UserInputError(f"{n_rows} cells but k = {k} neighbours wanted; a kNN graph needs at least k "
+                             "cells (use a smaller --n-neighbors or a larger fold)")
+    method, pca_dims = choose_search(n_rows, n_dims, method, pca_dims)
+    log.info("kNN search: %s%s for %d cells (auto: exact up to %d cells)", method,
+             f" after PCA to {pca_dims} dims" if pca_dims else f" in all {n_dims} dims", n_rows, EXACT_MAX_CELLS)
     started = time.perf_counter()
     points, usable = prepare_points(embeddings, metric, pca_dims, block_rows, seed)
     if not usable.all():
         log.warning("%d cells have all-zero embeddings: no direction for the cosine metric, so they get no "
                     "edges and keep their initial labels", int((~usable).sum()))
     usable_rows = np.flatnonzero(usable)
-    neighbours_local = knn_indices(points if usable.all() else points[usable_rows], k, method, block_rows, seed)
-    neighbours = np.full((len(points), k), -1, dtype=np.int32)
+    kept_points = points if usable.all() else points[usable_rows]
+    others = k - 1
+    neighbours_local = knn_indices(kept_points, others, method, block_rows, seed)
+    recall = sampled_recall(kept_points, neighbours_local, seed) if method == "ivf" else 1.0
+    if method == "ivf":
+        log.info("approximate kNN recall on %d sampled cells: %.4f", min(RECALL_SAMPLE, len(kept_points)), recall)
+    del kept_points, points
+    neighbours = np.full((n_rows, others), -1, dtype=np.int32)
     neighbours[usable_rows] = np.where(neighbours_local >= 0, usable_rows[neighbours_local], -1)
+    del neighbours_local
     adjacency = adjacency_from_neighbours(neighbours)
-    short = int((np.diff(adjacency.indptr)[usable_rows] < k).sum())
+    short = int((np.diff(adjacency.indptr)[usable_rows] < others).sum())
     if short:
-        log.warning("%d cells have fewer than k = %d neighbours (approximate search)", short, k)
-    log.info("kNN graph: %d cells, k = %d, %d edges, %.1f s", len(points), k, adjacency.nnz // 2,
+        log.warning("%d cells have fewer than k - 1 = %d neighbours (approximate search)", short, others)
+    log.info("kNN graph: %d cells, k = %d (self included), %d edges, %.1f s", n_rows, k, adjacency.nnz // 2,
              time.perf_counter() - started)
+    if info is not None:
+        info.update(method=method, pca_dims=pca_dims, recall=recall)
     return adjacency
-
-
-def normalized_adjacency(adjacency: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
-    """S = D^-1/2 W D^-1/2 (float32 CSR) and the degrees; isolated nodes get zero rows (no 1/0)."""
-    adjacency = sp.csr_matrix(adjacency, dtype=np.float32)
-    degrees = np.asarray(adjacency.sum(axis=1)).ravel()
-    inv_sqrt = np.zeros_like(degrees, dtype=np.float32)
-    inv_sqrt[degrees > 0] = 1.0 / np.sqrt(degrees[degrees > 0])
-    rows = np.repeat(np.arange(adjacency.shape[0]), np.diff(adjacency.indptr))
-    scaled = adjacency.copy()
-    scaled.data = (adjacency.data * inv_sqrt[rows] * inv_sqrt[adjacency.indices]).astype(np.float32)
-    return scaled, degrees
-
-
-def smallest_laplacian_eigenpairs(adjacency: sp.csr_matrix, m: int = 50, tol: float = 1e-4,
-                                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The m smallest eigenpairs of L = I - D^-1/2 W D^-1/2.
-
-    Found as the m largest (algebraic) eigenpairs of S = D^-1/2 W D^-1/2 by Lanczos (ARPACK),
-    which needs only products with S, no factorisation (graphs of at most max(4m, 500) nodes: dense
-    eigh). An isolated node is its own eigenvector with e = 1 (a zero row of S).
-
-    Returns:
-        eigenvalues (m,) float32 ascending in [0, 2] (tiny negatives from rounding clipped to 0),
-        V (N, m) float32 with orthonormal columns.
-    """
-    n_nodes = adjacency.shape[0]
-    if not 0 < m < n_nodes:
-        raise UserInputError(f"{m} eigenvectors wanted from a graph of {n_nodes} cells; need 0 < m < N")
-    started = time.perf_counter()
-    normalized, _ = normalized_adjacency(adjacency)
-    start_vector = np.random.default_rng(seed).uniform(0.5, 1.5, n_nodes).astype(np.float32)
-    # Lanczos makes many small BLAS calls; with several BLAS threads on a busy machine they spin and
-    # wait far more than they compute (7x slower measured on 2 shared cores), so use one.
-    with threadpool_limits(limits=1, user_api="blas"):
-        eigenvalues, vectors = _largest_eigenpairs(normalized, m, tol, start_vector)
-    log.info("%d eigenpairs of the normalised Laplacian (%d cells) in %.1f s; e in [%.4f, %.4f]", m, n_nodes,
-             time.perf_counter() - started, eigenvalues[0], eigenvalues[-1])
-    return eigenvalues, vectors
-
-
-def _largest_eigenpairs(normalized: sp.csr_matrix, m: int, tol: float,
-                        start_vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Laplacian eigenvalues 1 - mu (ascending) and vectors of the m largest eigenpairs mu of S."""
-    n_nodes = normalized.shape[0]
-    if n_nodes <= max(4 * m, 500):
-        mu, vectors = np.linalg.eigh(normalized.toarray().astype(np.float64))
-        mu, vectors = mu[::-1][:m], vectors[:, ::-1][:, :m]
-    else:
-        try:
-            mu, vectors = eigsh(normalized, k=m, which="LA", tol=tol, v0=start_vector,
-                                ncv=min(n_nodes - 1, 2 * m + 1))
-        except ArpackNoConvergence:
-            log.warning("Lanczos did not converge in float32; retrying in float64 with a larger subspace")
-            try:
-                mu, vectors = eigsh(normalized.astype(np.float64), k=m, which="LA", tol=tol,
-                                    v0=start_vector.astype(np.float64), ncv=min(n_nodes - 1, 4 * m + 1),
-                                    maxiter=100 * n_nodes)
-            except ArpackNoConvergence as error:
-                raise RuntimeError(f"eigensolver did not converge for {m} eigenpairs of {n_nodes} cells "
-                                   f"({len(error.eigenvalues)} converged); try a looser --eigen-tol") from None
-    order = np.argsort(-mu)
-    eigenvalues = np.clip(1.0 - mu[order], 0.0, 2.0).astype(np.float32)
-    return eigenvalues, np.ascontiguousarray(vectors[:, order], dtype=np.float32)
 
 
 def cells_fingerprint(image_ids: np.ndarray, cell_indices: np.ndarray, settings: str = "") -> str:

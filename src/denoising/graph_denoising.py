@@ -15,10 +15,12 @@ the cosine metric) keep Y_opt = Y_init; their number is logged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -26,13 +28,12 @@ import pandas as pd
 
 from src.data.classes import CLASS_NAMES, NUM_CLASSES, class_index, class_slug
 from src.data.schema import DENOISING_FOLDS_COLUMNS, SELECTION_COLUMNS, OutputLayout
-from src.denoising import graph, plots, solver
+from src.denoising import graph, plots, solver, spectrum
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = list(CLASS_NAMES) + ["Nothing there"]
-READ_BLOCK_ROWS = 65536
 
 
 @dataclass
@@ -40,20 +41,45 @@ class FoldCells:
     image_ids: np.ndarray      # (N,) S64
     cell_indices: np.ndarray   # (N,) int32
     predictions: np.ndarray    # (N, 19) float32
-    embeddings: np.ndarray     # (N, D) float16/float32 as stored
+    embeddings: "FoldRows"     # (N, D) rows read from the open HDF5 on demand
 
 
-def _read_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """dataset[rows] for sorted row indices, read in contiguous blocks (fast, bounded memory)."""
-    out = np.empty((len(rows),) + dataset.shape[1:], dtype=dataset.dtype)
-    filled = 0
-    for start in range(0, dataset.shape[0], READ_BLOCK_ROWS):
-        in_block = rows[(rows >= start) & (rows < start + READ_BLOCK_ROWS)]
-        if len(in_block):
-            block = dataset[start:min(start + READ_BLOCK_ROWS, dataset.shape[0])]
-            out[filled:filled + len(in_block)] = block[in_block - start]
-            filled += len(in_block)
-    return out
+@contextlib.contextmanager
+def readable_h5(path: Path) -> Iterator[None]:
+    """Turn the errors of a damaged HDF5 (truncated, empty, not HDF5, bit-flipped data or metadata)
+    into one UserInputError line naming the file."""
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as error:
+        if isinstance(error, (UserInputError, FileNotFoundError)):
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserInputError(f"{path} cannot be read as the expected HDF5 file ({reason}); it is damaged or "
+                             "truncated: rerun the stage that wrote it") from None
+
+
+class FoldRows:
+    """Row-sliceable view of `rows` (sorted) of an HDF5 dataset: [a:b] reads only the stretch of
+    the file those rows span (or the rows themselves when they are sparse), so the fold's embeddings
+    are streamed block by block instead of held in memory."""
+
+    def __init__(self, dataset: h5py.Dataset, rows: np.ndarray, path: Path):
+        self.dataset, self.rows, self.path = dataset, rows, path
+        self.shape = (len(rows),) + dataset.shape[1:]
+        self.dtype = dataset.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(len(self.rows))
+        wanted = self.rows[start:stop:step]
+        if len(wanted) == 0:
+            return np.empty((0,) + self.shape[1:], dtype=self.dtype)
+        with readable_h5(self.path):
+            if wanted[-1] - wanted[0] + 1 <= 4 * len(wanted):
+                return self.dataset[wanted[0]:wanted[-1] + 1][wanted - wanted[0]]
+            return self.dataset[wanted]
 
 
 def read_fold_table(folds_csv: Path, fold: int) -> pd.DataFrame:
@@ -71,46 +97,53 @@ def read_fold_table(folds_csv: Path, fold: int) -> pd.DataFrame:
     return chosen[["ID", "cell_i"]].astype({"cell_i": np.int64})
 
 
-def load_fold_cells(pseudo_labels_h5: Path, folds_csv: Path, fold: int) -> FoldCells:
-    """Join the fold's (ID, cell_i) with the pseudo-label HDF5; rows kept in HDF5 order."""
+@contextlib.contextmanager
+def open_fold_cells(pseudo_labels_h5: Path, folds_csv: Path, fold: int) -> Iterator[FoldCells]:
+    """Join the fold's (ID, cell_i) with the pseudo-label HDF5 (rows kept in HDF5 order); the file
+    stays open while the context lasts so the embeddings can be streamed from it."""
     fold_table = read_fold_table(folds_csv, fold)
     if not pseudo_labels_h5.is_file():
         raise UserInputError(f"pseudo-labels {pseudo_labels_h5} not found (run "
                              "src.predict.predict_cells_from_image_level_densenet or pass --pseudo-labels)")
-    with h5py.File(pseudo_labels_h5, "r") as h5:
-        absent = [name for name in ("image_id", "cell_i", "predictions", "embeddings") if name not in h5]
-        if absent:
-            raise UserInputError(f"{pseudo_labels_h5} lacks datasets {absent}")
-        all_image_ids, all_cell_indices = h5["image_id"][:], h5["cell_i"][:]
-        keys = pd.DataFrame({"ID": all_image_ids.astype(str), "cell_i": all_cell_indices.astype(np.int64)})
-        n_rows = len(keys)
-        if h5["predictions"].shape != (n_rows, NUM_CLASSES) or h5["embeddings"].shape[0] != n_rows:
-            raise UserInputError(f"{pseudo_labels_h5}: predictions {h5['predictions'].shape} / embeddings "
-                                 f"{h5['embeddings'].shape} do not fit {n_rows} cells x {NUM_CLASSES} classes")
-        if keys.duplicated().any():
-            raise UserInputError(f"{pseudo_labels_h5} holds {int(keys.duplicated().sum())} repeated (ID, cell_i) rows")
-        keys["row"] = np.arange(n_rows)
-        joined = fold_table.merge(keys, on=["ID", "cell_i"], how="left")
-        unmatched = joined["row"].isna()
-        if unmatched.all():
-            raise UserInputError(f"none of the {len(fold_table)} cells of fold {fold} are in {pseudo_labels_h5}; "
-                                 "were both files made from the same bboxes?")
-        if unmatched.any():
-            log.warning("%d of %d cells of fold %d have no pseudo-labels and are left out (first: %s)",
-                        int(unmatched.sum()), len(joined), fold, joined.loc[unmatched, ["ID", "cell_i"]].iloc[0].tolist())
-        rows = np.unique(joined.loc[~unmatched, "row"].to_numpy(dtype=np.int64))
-        predictions = _read_rows(h5["predictions"], rows).astype(np.float32)
-        embeddings = _read_rows(h5["embeddings"], rows)
-        image_ids = all_image_ids[rows].astype("S64")
-        cell_indices = all_cell_indices[rows].astype(np.int32)
-    bad = ~np.isfinite(predictions).all(axis=1)
-    if bad.any():
-        raise UserInputError(f"{int(bad.sum())} cells of fold {fold} have NaN/inf predictions "
-                             f"(first: {image_ids[bad][0].decode()} cell {cell_indices[bad][0]})")
-    outside = int(((predictions < 0) | (predictions > 1)).any(axis=1).sum())
-    if outside:
-        log.warning("%d cells have predictions outside [0, 1]; they are clipped (probabilities expected)", outside)
-    return FoldCells(image_ids, cell_indices, predictions, embeddings)
+    with readable_h5(pseudo_labels_h5):
+        h5 = h5py.File(pseudo_labels_h5, "r")
+    try:
+        with readable_h5(pseudo_labels_h5):
+            absent = [name for name in ("image_id", "cell_i", "predictions", "embeddings") if name not in h5]
+            if absent:
+                raise UserInputError(f"{pseudo_labels_h5} lacks datasets {absent}")
+            all_image_ids, all_cell_indices = h5["image_id"][:], h5["cell_i"][:]
+            keys = pd.DataFrame({"ID": all_image_ids.astype(str), "cell_i": all_cell_indices.astype(np.int64)})
+            n_rows = len(keys)
+            if h5["predictions"].shape != (n_rows, NUM_CLASSES) or h5["embeddings"].ndim != 2 or \
+                    h5["embeddings"].shape[0] != n_rows:
+                raise UserInputError(f"{pseudo_labels_h5}: predictions {h5['predictions'].shape} / embeddings "
+                                     f"{h5['embeddings'].shape} do not fit {n_rows} cells x {NUM_CLASSES} classes")
+            if keys.duplicated().any():
+                raise UserInputError(f"{pseudo_labels_h5} holds {int(keys.duplicated().sum())} repeated (ID, cell_i) rows")
+            keys["row"] = np.arange(n_rows)
+            joined = fold_table.merge(keys, on=["ID", "cell_i"], how="left")
+            unmatched = joined["row"].isna()
+            if unmatched.all():
+                raise UserInputError(f"none of the {len(fold_table)} cells of fold {fold} are in {pseudo_labels_h5}; "
+                                     "were both files made from the same bboxes?")
+            if unmatched.any():
+                log.warning("%d of %d cells of fold %d have no pseudo-labels and are left out (first: %s)",
+                            int(unmatched.sum()), len(joined), fold, joined.loc[unmatched, ["ID", "cell_i"]].iloc[0].tolist())
+            rows = np.unique(joined.loc[~unmatched, "row"].to_numpy(dtype=np.int64))
+            predictions = FoldRows(h5["predictions"], rows, pseudo_labels_h5)[:].astype(np.float32)
+            cells = FoldCells(all_image_ids[rows].astype("S64"), all_cell_indices[rows].astype(np.int32), predictions,
+                              FoldRows(h5["embeddings"], rows, pseudo_labels_h5))
+        bad = ~np.isfinite(predictions).all(axis=1)
+        if bad.any():
+            raise UserInputError(f"{int(bad.sum())} cells of fold {fold} have NaN/inf predictions "
+                                 f"(first: {cells.image_ids[bad][0].decode()} cell {cells.cell_indices[bad][0]})")
+        outside = int(((predictions < 0) | (predictions > 1)).any(axis=1).sum())
+        if outside:
+            log.warning("%d cells have predictions outside [0, 1]; they are clipped (probabilities expected)", outside)
+        yield cells
+    finally:
+        h5.close()
 
 
 def parse_forced(specs: list[str]) -> list[tuple[int, Path]]:
@@ -175,20 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="output", help="pipeline output folder (default: %(default)s)")
     parser.add_argument("--pseudo-labels", default=None, help="pseudo-label HDF5 (default: OUTPUT/pseudo_labels.h5)")
     parser.add_argument("--denoising-folds", default=None, help="folds CSV (default: OUTPUT/denoising_folds.csv)")
-    parser.add_argument("-k", "--n-neighbors", type=int, default=200, help="kNN graph neighbours (default: %(default)s)")
-    parser.add_argument("--n-eigenvectors", type=int, default=50, help="Laplacian eigenpairs m (default: %(default)s)")
+    parser.add_argument("-k", "--n-neighbors", "--num-graph-neighbours", type=int, default=200,
+                        help="kNN graph neighbours, the cell itself counted as in the reference: k = 200 links "
+                             "199 others (default: %(default)s)")
+    parser.add_argument("--n-eigenvectors", "--num-eigenvectors", type=int, default=50,
+                        help="Laplacian eigenpairs m (default: %(default)s)")
     parser.add_argument("--lambda", dest="lam", type=float, default=0.001, help="spectral sparsity weight")
     parser.add_argument("--gamma", type=float, default=0.12, help="L1 fidelity weight to the initial labels")
     parser.add_argument("--tol-fraction", type=float, default=0.999,
                         help="stop when this fraction of label entries has settled (default: %(default)s)")
     parser.add_argument("--rel-change", type=float, default=0.01, help="relative change that counts as settled")
     parser.add_argument("--max-iter", type=int, default=1000, help="iteration cap of the alternation")
-    parser.add_argument("--metric", choices=graph.METRICS, default="cosine", help="kNN metric (default: %(default)s)")
-    parser.add_argument("--pca-dims", type=int, default=0, help="PCA dims before the kNN search (0 = off)")
-    parser.add_argument("--knn-method", choices=graph.KNN_METHODS, default="exact",
-                        help="exact (faiss flat) or ivf (faiss inverted lists, approximate)")
-    parser.add_argument("--eigen-tol", type=float, default=1e-4, help="Lanczos tolerance")
-    parser.add_argument("--precomputed-graph", default=None, help="npz: load the kNN graph if present, else save it")
+    parser.add_argument("--metric", choices=graph.METRICS, default="l2",
+                        help="kNN distance: l2 on the raw embeddings as the reference, or cosine (default: %(default)s)")
+    parser.add_argument("--pca-dims", type=int, default=None,
+                        help=f"PCA dims before the kNN search (0 = off; default: off for the exact search, "
+                             f"{graph.APPROXIMATE_PCA_DIMS} for the approximate one)")
+    parser.add_argument("--knn-method", choices=graph.KNN_METHODS, default="auto",
+                        help=f"exact (faiss flat), ivf (faiss inverted lists, approximate, recall logged) or auto: "
+                             f"exact up to {graph.EXACT_MAX_CELLS} cells (default: %(default)s)")
+    parser.add_argument("--eigen-tol", type=float, default=1e-6, help="Lanczos tolerance (default: %(default)s)")
+    parser.add_argument("--num-cores", type=int, default=None,
+                        help="CPU threads for the kNN search and linear algebra (default: all)")
+    parser.add_argument("--precomputed-graph", "--precomputed-knn-graph-path", default=None,
+                        help="npz: load the kNN graph if present, else save it (our format, not the reference's pickle)")
     parser.add_argument("--precomputed-eigenbasis", default=None, help="npz: load eigenpairs if present, else save")
     parser.add_argument("--force-positive", action="append", default=[], metavar="CLASS=CSV",
                         help="set Y_init of the listed cells (ID,cell_i CSV) to 1 for CLASS; repeatable")
@@ -218,23 +261,25 @@ def denoise_fold(args: argparse.Namespace) -> dict:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
-    cells = load_fold_cells(Path(args.pseudo_labels or layout.pseudo_labels_h5),
-                            Path(args.denoising_folds or layout.denoising_folds_csv), args.fold)
-    initial = initial_labels(cells.predictions, forced_rows(cells, forced))
-    log.info("fold %d: %d cells, %d-d embeddings", args.fold, len(initial), cells.embeddings.shape[1])
-    timings["load"], clock = time.perf_counter() - clock, time.perf_counter()
+    with open_fold_cells(Path(args.pseudo_labels or layout.pseudo_labels_h5),
+                         Path(args.denoising_folds or layout.denoising_folds_csv), args.fold) as cells:
+        initial = initial_labels(cells.predictions, forced_rows(cells, forced))
+        log.info("fold %d: %d cells, %d-d embeddings", args.fold, len(initial), cells.embeddings.shape[1])
+        timings["load"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    settings = f"k={args.n_neighbors};metric={args.metric};pca={args.pca_dims};knn={args.knn_method};seed={args.seed}"
-    fingerprint = graph.cells_fingerprint(cells.image_ids, cells.cell_indices, settings)
-    if args.precomputed_graph and Path(args.precomputed_graph).is_file():
-        adjacency = graph.load_graph(args.precomputed_graph, fingerprint)
-        log.info("loaded the kNN graph from %s", args.precomputed_graph)
-    else:
-        adjacency = graph.knn_graph(cells.embeddings, args.n_neighbors, args.metric, args.pca_dims,
-                                    args.knn_method, args.seed)
-        if args.precomputed_graph:
-            graph.save_graph(args.precomputed_graph, adjacency, fingerprint)
-    cells.embeddings = None  # free the largest array before the eigensolver
+        search: dict = {}
+        settings = (f"k={args.n_neighbors};metric={args.metric};pca={args.pca_dims};knn={args.knn_method};"
+                    f"seed={args.seed};self-counted")
+        fingerprint = graph.cells_fingerprint(cells.image_ids, cells.cell_indices, settings)
+        if args.precomputed_graph and Path(args.precomputed_graph).is_file():
+            adjacency = graph.load_graph(args.precomputed_graph, fingerprint)
+            log.info("loaded the kNN graph from %s", args.precomputed_graph)
+        else:
+            adjacency = graph.knn_graph(cells.embeddings, args.n_neighbors, args.metric, args.pca_dims,
+                                        args.knn_method, args.seed, info=search)
+            if args.precomputed_graph:
+                graph.save_graph(args.precomputed_graph, adjacency, fingerprint)
+        cells.embeddings = None
     timings["graph"], clock = time.perf_counter() - clock, time.perf_counter()
 
     isolated = np.diff(adjacency.indptr) == 0
@@ -244,8 +289,8 @@ def denoise_fold(args: argparse.Namespace) -> dict:
         eigenvalues, vectors = graph.load_eigenbasis(args.precomputed_eigenbasis, fingerprint, args.n_eigenvectors)
         log.info("loaded %d eigenpairs from %s", args.n_eigenvectors, args.precomputed_eigenbasis)
     else:
-        eigenvalues, vectors = graph.smallest_laplacian_eigenpairs(adjacency, args.n_eigenvectors,
-                                                                   args.eigen_tol, args.seed)
+        eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(adjacency, args.n_eigenvectors,
+                                                                      args.eigen_tol, args.seed)
         if args.precomputed_eigenbasis:
             graph.save_eigenbasis(args.precomputed_eigenbasis, eigenvalues, vectors, fingerprint)
     del adjacency
@@ -258,7 +303,8 @@ def denoise_fold(args: argparse.Namespace) -> dict:
 
     out_path = layout.denoised_h5(args.fold)
     attributes = {"fold": args.fold, "k": args.n_neighbors, "m": args.n_eigenvectors, "lambda": args.lam,
-                  "gamma": args.gamma, "metric": args.metric, "pca_dims": args.pca_dims, "knn_method": args.knn_method,
+                  "gamma": args.gamma, "metric": args.metric, "pca_dims": search.get("pca_dims", -1),
+                  "knn_method": search.get("method", "loaded"), "knn_recall": search.get("recall", -1.0),
                   "iterations": result.n_iter, "converged": result.converged, "objective": value,
                   "isolated_cells": int(isolated.sum()), "seed": args.seed}
     write_denoised(out_path, cells, initial, result.labels, eigenvalues, attributes)
@@ -277,7 +323,14 @@ def denoise_fold(args: argparse.Namespace) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    denoise_fold(args)
+    if args.num_cores is not None:
+        if args.num_cores < 1:
+            raise UserInputError("--num-cores must be >= 1")
+        graph.faiss.omp_set_num_threads(args.num_cores)
+        with spectrum.threadpool_limits(limits=args.num_cores):
+            denoise_fold(args)
+    else:
+        denoise_fold(args)
     return 0
 
 

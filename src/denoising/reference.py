@@ -14,8 +14,12 @@ import numpy as np
 from src.denoising.solver import fraction_settled, objective
 
 
-def reference_adjacency(embeddings: np.ndarray, k: int, metric: str = "cosine") -> np.ndarray:
-    """Dense symmetric 0/1 kNN adjacency max(W, W^T) by brute force in float64 (zero-norm rows: no edges)."""
+def reference_adjacency(embeddings: np.ndarray, k: int, metric: str = "l2") -> np.ndarray:
+    """Dense symmetric 0/1 kNN adjacency max(W, W^T) by brute force in float64 (zero-norm rows: no edges).
+
+    k counts the cell itself, as the reference's kneighbors_graph(include_self=True) does, and the
+    Laplacian ignores that self loop: each cell is linked to its k - 1 nearest others.
+    """
     points = np.asarray(embeddings, dtype=np.float64)
     usable = np.ones(len(points), dtype=bool)
     if metric == "cosine":
@@ -27,9 +31,9 @@ def reference_adjacency(embeddings: np.ndarray, k: int, metric: str = "cosine") 
     squared = (kept ** 2).sum(axis=1)
     distances = squared[:, None] + squared[None, :] - 2.0 * kept @ kept.T
     np.fill_diagonal(distances, np.inf)
-    nearest = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    nearest = np.argsort(distances, axis=1, kind="stable")[:, :k - 1]
     adjacency = np.zeros((len(points), len(points)))
-    adjacency[np.repeat(usable_rows, k), usable_rows[nearest.ravel()]] = 1.0
+    adjacency[np.repeat(usable_rows, k - 1), usable_rows[nearest.ravel()]] = 1.0
     return np.maximum(adjacency, adjacency.T)
 
 
@@ -102,7 +106,7 @@ def reference_denoise(vectors: np.ndarray, eigenvalues: np.ndarray, initial: np.
 
 
 def reference_pipeline(embeddings: np.ndarray, initial: np.ndarray, k: int, m: int, lam: float, gamma: float,
-                       metric: str = "cosine", **stopping) -> dict:
+                       metric: str = "l2", **stopping) -> dict:
     """Whole slow path: dense kNN graph, dense eigh, iterative solver. Returns a dict with
     adjacency, eigenvalues, vectors, labels (Y), coefficients (A), iterations and objective."""
     adjacency = reference_adjacency(embeddings, k, metric)

@@ -1,12 +1,13 @@
 """Pick cells whose label the denoising says is missing, for a person to check and for cell-level training.
 
-    python -m src.denoising.select_candidates --class "Mitotic spindle" --init-below 0.4 --denoised-at-least 0.92
+    python -m src.denoising.select_candidates --class "Mitotic spindle" [--rule reference]
 
-A cell of a denoised fold is selected for CLASS when Y_init < INIT_BELOW and
-Y_opt >= DENOISED_AT_LEAST * (max of Y_opt for CLASS over that fold), the reference's rule, or, with
---denoised-above X, Y_opt >= X. The maximum can sit on a "hub" cell of very high graph degree whose
-Y_opt exceeds 1 (the Laplacian eigenvectors scale with sqrt(degree)); the absolute threshold does
-not depend on that one cell. Writes the selection CSV
+A cell of a denoised fold is selected for CLASS when Y_init < INIT_BELOW (0.4) and Y_opt reaches the
+fold's threshold. Default rule 'quartiles': halfway between the lower quartile of Y_opt over the
+confident positives (Y_init >= 1 - INIT_BELOW) and the upper quartile of Y_opt over the low-labelled
+cells. Rule 'reference': Y_opt >= DENOISED_AT_LEAST (0.92) * (max of Y_opt for CLASS over that fold);
+the maximum can sit on a "hub" cell of very high degree, and on generated data this rule selected
+nothing where the ranking was near perfect. --denoised-above X: Y_opt >= X. Writes the selection CSV
 (ID,cell_i; default input/{slug}_cells_selection.csv) and a PNG grid of the selected cells: their
 crops when a crop loader is wired in, else a Y_init/Y_opt scatter and a list of the selected cells.
 """
@@ -25,6 +26,7 @@ import pandas as pd
 
 from src.data.classes import CLASS_NAMES, class_index, class_slug
 from src.data.schema import SELECTION_COLUMNS, OutputLayout, selection_csv
+from src.denoising.graph_denoising import readable_h5
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -33,22 +35,54 @@ log = logging.getLogger(__name__)
 CropLoader = Callable[[str, int], Optional[np.ndarray]]
 
 
-def select_cells(initial: np.ndarray, denoised: np.ndarray, init_below: float = 0.4,
-                 denoised_at_least: float = 0.92, denoised_above: float | None = None) -> np.ndarray:
-    """Bool mask: initial < init_below and denoised >= denoised_at_least * max(denoised), or
-    denoised >= denoised_above when that absolute threshold is given.
+RULES = ("quartiles", "reference")
 
-    Nothing is selected when the maximum is not positive (otherwise every cell at 0 would pass).
+
+def selection_threshold(initial: np.ndarray, denoised: np.ndarray, init_below: float = 0.4, rule: str = "quartiles",
+                        denoised_at_least: float = 0.92, denoised_above: float | None = None) -> float | None:
+    """The Y_opt a low-labelled cell (Y_init < init_below) must reach to be selected; None = select nothing.
+
+    - 'quartiles' (default): halfway between the lower quartile of Y_opt over the confident positives
+      (Y_init >= 1 - init_below) and the upper quartile of Y_opt over the low-labelled cells. Both
+      groups come from the fold itself, so the threshold follows the scale of the denoised values
+      (no constant fitted to one data set); most low-labelled cells are true negatives, so a missed
+      positive must sit nearer the positives' bulk than the negatives'. Nothing is selected when the
+      class has no confident positive or the two quartiles do not separate.
+    - 'reference': Y_opt >= denoised_at_least * (max of Y_opt), the reference's rule.
+    - denoised_above: an absolute threshold, used instead of either rule when given.
     """
-    if len(denoised) == 0:
-        return np.zeros(0, dtype=bool)
+    if rule not in RULES:
+        raise UserInputError(f"unknown selection rule {rule!r}; choose one of {RULES}")
     if denoised_above is not None:
-        return (initial < init_below) & (denoised >= denoised_above)
-    peak = float(np.max(denoised))
-    if not peak > 0:
-        log.warning("denoised values of the class are all <= 0: nothing to select")
+        return denoised_above
+    if rule == "reference":
+        peak = float(np.max(denoised)) if len(denoised) else 0.0
+        if not peak > 0:
+            log.warning("denoised values of the class are all <= 0: nothing to select")
+            return None
+        return denoised_at_least * peak
+    confident, low = initial >= 1.0 - init_below, initial < init_below
+    if not confident.any() or not low.any():
+        log.warning("no confident positives (Y_init >= %.2f) or no low-labelled cells: nothing to select", 1 - init_below)
+        return None
+    positives_low_quartile = float(np.quantile(denoised[confident], 0.25))
+    low_cells_high_quartile = float(np.quantile(denoised[low], 0.75))
+    if positives_low_quartile <= low_cells_high_quartile:
+        log.warning("denoised values of confident positives and low-labelled cells overlap (quartiles %.3f <= %.3f): "
+                    "nothing to select", positives_low_quartile, low_cells_high_quartile)
+        return None
+    return 0.5 * (positives_low_quartile + low_cells_high_quartile)
+
+
+def select_cells(initial: np.ndarray, denoised: np.ndarray, init_below: float = 0.4, rule: str = "quartiles",
+                 denoised_at_least: float = 0.92, denoised_above: float | None = None) -> np.ndarray:
+    """Bool mask: initial < init_below and denoised >= selection_threshold(...) (see there)."""
+    initial, denoised = np.asarray(initial), np.asarray(denoised)
+    threshold = selection_threshold(initial, denoised, init_below, rule, denoised_at_least, denoised_above) \
+        if len(denoised) else None
+    if threshold is None:
         return np.zeros(len(denoised), dtype=bool)
-    return (initial < init_below) & (denoised >= denoised_at_least * peak)
+    return (initial < init_below) & (denoised >= threshold)
 
 
 def denoised_fold_paths(output_dir: str | os.PathLike, folds: list[int] | None) -> dict[int, Path]:
@@ -71,48 +105,51 @@ def denoised_fold_paths(output_dir: str | os.PathLike, folds: list[int] | None) 
     return dict(sorted(found.items()))
 
 
-def select_from_files(paths: dict[int, Path], class_i: int, init_below: float, denoised_at_least: float,
+def select_from_files(paths: dict[int, Path], class_i: int, init_below: float = 0.4, rule: str = "quartiles",
+                      denoised_at_least: float = 0.92,
                       denoised_above: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(selected, all cells) tables with columns ID, cell_i, fold, Y_init, Y_opt, Y_opt_fraction."""
+    """(selected, all cells) tables with columns ID, cell_i, fold, Y_init, Y_opt, Y_opt_fraction,
+    threshold (each fold's own, see selection_threshold)."""
     tables = []
     for fold, path in paths.items():
-        with h5py.File(path, "r") as h5:
+        with readable_h5(path), h5py.File(path, "r") as h5:
             initial = h5["Y_init"][:, class_i]
             denoised = h5["Y_opt"][:, class_i]
             table = pd.DataFrame({"ID": h5["image_id"][:].astype(str), "cell_i": h5["cell_i"][:].astype(np.int64),
                                   "fold": fold, "Y_init": initial, "Y_opt": denoised})
         peak = float(denoised.max()) if len(denoised) else 0.0
         table["Y_opt_fraction"] = denoised / peak if peak > 0 else 0.0
-        table["selected"] = select_cells(initial, denoised, init_below, denoised_at_least, denoised_above)
-        log.info("fold %d: %d of %d cells selected (max Y_opt %.3f)", fold, int(table["selected"].sum()),
-                 len(table), peak)
+        threshold = selection_threshold(initial, denoised, init_below, rule, denoised_at_least, denoised_above) \
+            if len(denoised) else None
+        table["threshold"] = np.nan if threshold is None else threshold
+        table["selected"] = (initial < init_below) & (denoised >= threshold) if threshold is not None else False
+        log.info("fold %d: %d of %d cells selected (Y_opt threshold %s, max Y_opt %.3f)", fold,
+                 int(table["selected"].sum()), len(table), "none" if threshold is None else f"{threshold:.3f}", peak)
         tables.append(table)
     everything = pd.concat(tables, ignore_index=True)
     selected = everything[everything["selected"]].sort_values(["ID", "cell_i"]).reset_index(drop=True)
     return selected, everything
 
 
-def _draw_rule_scatter(axis, selected: pd.DataFrame, everything: pd.DataFrame, init_below: float,
-                       denoised_at_least: float, denoised_above: float | None) -> None:
-    """Y_init against Y_opt (or Y_opt / fold max) of all cells, selected ones in red, thresholds in blue."""
+def _draw_rule_scatter(axis, selected: pd.DataFrame, everything: pd.DataFrame, init_below: float) -> None:
+    """Y_init against Y_opt of all cells, selected ones in red, the thresholds (one per fold) in blue."""
     others = everything[~everything["selected"]]
     if len(others) > 20_000:
         others = others.sample(20_000, random_state=0)
-    y_column = "Y_opt" if denoised_above is not None else "Y_opt_fraction"
-    axis.scatter(others["Y_init"], others[y_column], s=2, color="0.6", label="other cells")
-    axis.scatter(selected["Y_init"], selected[y_column], s=4, color="tab:red", label="selected")
+    axis.scatter(others["Y_init"], others["Y_opt"], s=2, color="0.6", label="other cells")
+    axis.scatter(selected["Y_init"], selected["Y_opt"], s=4, color="tab:red", label="selected")
     axis.axvline(init_below, color="tab:blue", linewidth=0.8)
-    axis.axhline(denoised_above if denoised_above is not None else denoised_at_least, color="tab:blue", linewidth=0.8)
+    for threshold in everything["threshold"].dropna().unique():
+        axis.axhline(threshold, color="tab:blue", linewidth=0.8)
     axis.set_xlabel("Y_init", fontsize=8)
-    axis.set_ylabel("Y_opt" if denoised_above is not None else "Y_opt / fold max", fontsize=8)
+    axis.set_ylabel("Y_opt", fontsize=8)
     axis.tick_params(labelsize=7)
     axis.legend(fontsize=7, loc="lower right")
 
 
 def plot_selection_grid(selected: pd.DataFrame, everything: pd.DataFrame, class_name: str,
                         path: str | os.PathLike, load_crop: CropLoader | None = None, max_tiles: int = 48,
-                        init_below: float = 0.4, denoised_at_least: float = 0.92,
-                        denoised_above: float | None = None) -> None:
+                        init_below: float = 0.4) -> None:
     """Picture of the selection for a person to check, highest Y_opt fraction first.
 
     With a crop loader: a grid of up to max_tiles crops (R, G, B of the RGBY channels; a blank tile
@@ -129,7 +166,7 @@ def plot_selection_grid(selected: pd.DataFrame, everything: pd.DataFrame, class_
     if load_crop is None:
         figure, (scatter_axis, text_axis) = plt.subplots(1, 2, figsize=(13, max(5.0, 0.2 * len(shown) + 1.5)),
                                                          gridspec_kw={"width_ratios": [1, 1.1]})
-        _draw_rule_scatter(scatter_axis, selected, everything, init_below, denoised_at_least, denoised_above)
+        _draw_rule_scatter(scatter_axis, selected, everything, init_below)
         lines = [f"{'ID':<36} {'cell_i':>6} {'fold':>4} {'Y_init':>6} {'Y_opt':>6} {'/max':>5}"]
         lines += [f"{row.ID[:36]:<36} {row.cell_i:>6} {row.fold:>4} {row.Y_init:>6.2f} {row.Y_opt:>6.2f} "
                   f"{row.Y_opt_fraction:>5.2f}" for row in shown.itertuples(index=False)]
@@ -150,7 +187,7 @@ def plot_selection_grid(selected: pd.DataFrame, everything: pd.DataFrame, class_
             axis.set_title(f"{row.ID[:12]}/{row.cell_i}\ninit {row.Y_init:.2f} opt {row.Y_opt:.2f}", fontsize=7)
         scatter_axis = axes.ravel()[len(shown)]
         scatter_axis.axis("on")
-        _draw_rule_scatter(scatter_axis, selected, everything, init_below, denoised_at_least, denoised_above)
+        _draw_rule_scatter(scatter_axis, selected, everything, init_below)
         figure.suptitle(f"{title} ({len(shown)} shown)", fontsize=10)
     figure.tight_layout(rect=(0, 0, 1, 0.96))
     with atomic_path(path) as tmp:
@@ -162,8 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--class", dest="class_name", required=True, help="class name or index, e.g. 'Mitotic spindle'")
     parser.add_argument("--init-below", type=float, default=0.4, help="Y_init must be below this (default: %(default)s)")
+    parser.add_argument("--rule", choices=RULES, default="quartiles",
+                        help="quartiles: Y_opt halfway between the lower quartile of confident positives and the "
+                             "upper quartile of low-labelled cells, per fold; reference: Y_opt >= "
+                             "--denoised-at-least x the fold's class maximum (default: %(default)s)")
     parser.add_argument("--denoised-at-least", type=float, default=0.92,
-                        help="Y_opt must reach this fraction of the fold's class maximum (default: %(default)s)")
+                        help="with --rule reference: fraction of the fold's class maximum (default: %(default)s)")
     parser.add_argument("--denoised-above", type=float, default=None,
                         help="absolute Y_opt threshold used instead of --denoised-at-least")
     parser.add_argument("--folds", type=int, nargs="*", default=None, help="folds to read (default: all present)")
@@ -190,7 +231,7 @@ def run(args: argparse.Namespace, load_crop: CropLoader | None = None) -> pd.Dat
     class_name = CLASS_NAMES[class_i]
     slug = class_slug(class_name)
     paths = denoised_fold_paths(args.output_dir, args.folds)
-    selected, everything = select_from_files(paths, class_i, args.init_below, args.denoised_at_least,
+    selected, everything = select_from_files(paths, class_i, args.init_below, args.rule, args.denoised_at_least,
                                              args.denoised_above)
     out_csv = Path(args.out) if args.out else selection_csv(class_name, args.input_dir)
     write_csv_atomic(selected[list(SELECTION_COLUMNS)], out_csv)
@@ -199,7 +240,7 @@ def run(args: argparse.Namespace, load_crop: CropLoader | None = None) -> pd.Dat
     if load_crop is None:
         log.info("no crop loader wired in: the grid shows titled tiles instead of cell crops")
     plot_selection_grid(selected, everything, class_name, grid_png, load_crop, args.max_tiles,
-                        args.init_below, args.denoised_at_least, args.denoised_above)
+                        args.init_below)
     log.info("%s: %d cells selected from %d folds -> %s (grid %s)", class_name, len(selected), len(paths),
              out_csv, grid_png)
     return selected
