@@ -72,7 +72,7 @@ for fold in $(seq 0 $((DENOISE_FOLDS - 1))); do
   $py -m src.denoising.graph_denoising --fold "$fold" --output-dir "$OUTPUT" --n-neighbors "$KNN" \
     --n-eigenvectors "$EIGEN" --plot-class "Mitotic spindle"
 done
-threshold=(--denoised-at-least 0.92)
+threshold=()  # the default quartiles rule; SELECT_ABOVE sets an absolute threshold instead
 [ -n "$SELECT_ABOVE" ] && threshold=(--denoised-above "$SELECT_ABOVE")
 $py -m src.denoising.select_candidates --class "Mitotic spindle" --init-below 0.4 "${threshold[@]}" \
   --output-dir "$OUTPUT" --dataset "$DATASET" --out "$OUTPUT/mitotic_cells_selection.csv"
