@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n-train", type=int, default=None, help="training fields (default: 160, style 2: 64)")
     # Held-out fields cost no training time; 200 give every drawn class some 70-220 true cells, so a
     # class's AP does not hinge on the one or two test images that happen to show it. Style 2's
-    # fields hold ~3.5x more cells, so 32 give it some 1100 test cells.
+    # fields hold ~2.5x more cells, so 32 give it some 700 test cells.
     parser.add_argument("--n-test", type=int, default=None, help="held-out fields with truth (default: 200, style 2: 32)")
     parser.add_argument("--image-size", type=int, default=defaults.image_size, help="field side in px")
     parser.add_argument("--cells-min", type=int, default=defaults.cells_min)

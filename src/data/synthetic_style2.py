@@ -35,7 +35,7 @@ class Style2Config:
     """Parameters of the style-2 generator (lengths in px)."""
 
     style: int = 2
-    sizes: tuple[int, ...] = (160, 192, 224)  # field height and width, each drawn from these
+    sizes: tuple[int, ...] = (128, 160, 192)  # field height and width, each drawn from these
     cell_radius: float = 15.0       # mean cell radius
     confluence: float = 0.8         # fraction of the field (in smooth patches) where cells may sit
     majority: float = 0.5           # a class is an image label when its cell fraction exceeds this
