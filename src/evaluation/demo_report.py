@@ -120,7 +120,11 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     image_level_csv, cellwise_csv = demo_dir / "b_image_level_per_cell.csv", demo_dir / "d_cellwise.csv"
     submission_main(common + ["--run-name", args.image_run, "--input-style", "image-level",
                               "--img-size", str(args.image_size), "--out", str(image_level_csv)])
-    submission_main(common + ["--run-name", args.cell_run, "--img-size", str(args.cell_size), "--out", str(cellwise_csv)])
+    fusion_weights = outputs.root / "fusion_weights.csv"
+    if fusion_weights.is_file() and not (pd.read_csv(fusion_weights)["weight"] > 0).any():
+        cellwise_csv = outputs.root / "submission.csv"  # fusion off: the pipeline's submission is (d)
+    else:
+        submission_main(common + ["--run-name", args.cell_run, "--img-size", str(args.cell_size), "--out", str(cellwise_csv)])
 
     test_truth = load_truth(layout.truth_dir, "test")
     train_truth = load_truth(layout.truth_dir, "train")

@@ -84,7 +84,9 @@ def out_of_fold_predictions(layout: DatasetLayout, outputs: OutputLayout, args) 
     """Image IDs with their cells' cell-level and whole-field image-level out-of-fold predictions."""
     folds = read_folds(layout)
     fold_of = dict(zip(folds["ID"], folds["fold"].astype(int)))
-    views = TTA_VIEWS + EXTRA_TTA_VIEWS
+    views = tuple(v.strip() for v in args.tta.split(",") if v.strip())
+    if not views or set(views) - set(TTA_VIEWS + EXTRA_TTA_VIEWS):
+        raise UserInputError(f"--tta must name views among {TTA_VIEWS + EXTRA_TTA_VIEWS}")
     ids, cell_rows, image_rows = [], [], []
     for fold in args.folds:
         cell_model = load_ensemble(outputs, args.cell_run, [fold], args.checkpoint, args.device)
@@ -114,6 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="best.pth")
     parser.add_argument("--img-size", type=int, default=512, help="cell model input side")
     parser.add_argument("--fusion-img-size", type=int, default=1024, help="image-level model input side")
+    parser.add_argument("--tta", default=",".join(TTA_VIEWS + EXTRA_TTA_VIEWS), help="cell-level views, as in the submission")
     parser.add_argument("--min-gain", type=float, default=0.01, help="AP a weight must add over no fusion")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
