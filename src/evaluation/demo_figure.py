@@ -28,7 +28,7 @@ def plot_per_class_ap(per_class: pd.DataFrame, rows: list[str], path: Path) -> N
         axis.set_ylim(0, 1.05)
         axis.set_ylabel("test AP")
         axis.set_title(f"{run}: " + ", ".join(f"{row} {table[row].mean():.3f}" for row in rows))
-        axis.legend(fontsize=7, ncol=len(rows), loc="lower left")
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=90, format="png")
