@@ -27,7 +27,7 @@ DENOISE_FOLDS=${DENOISE_FOLDS:-3}
 KNN=${KNN:-200}
 EIGEN=${EIGEN:-50}
 SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: the reference's 0.92 x class maximum
-FUSION_WEIGHT=${FUSION_WEIGHT:-0.3}
+FUSION_WEIGHT=${FUSION_WEIGHT:-choose}  # image-level weight in the submission; choose: per class on out-of-fold training cells (needs truth)
 IMAGE_RUN=${IMAGE_RUN:-image_level}
 CELL_RUN=${CELL_RUN:-cellwise}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}          # extra flags for both trainers, e.g. "--init-weights none"
@@ -86,8 +86,16 @@ for fold in $(seq 0 "$last_fold"); do
     --selection "$OUTPUT/mitotic_cells_selection.csv" --resume --log-every 0 $TRAIN_FLAGS $CELL_FLAGS
 done
 
+fusion=(--fusion-weight "$FUSION_WEIGHT")
+if [ "$FUSION_WEIGHT" = choose ]; then
+  step "fusion weights"
+  $py -m src.predict.choose_fusion --dataset "$DATASET" --output-dir "$OUTPUT" --cell-run "$CELL_RUN" --image-run "$IMAGE_RUN" \
+    --folds "$folds" --img-size "$CELL_SIZE" --fusion-img-size "$IMAGE_SIZE" --out "$OUTPUT/fusion_weights.csv"
+  fusion=(--fusion-weights "$OUTPUT/fusion_weights.csv")
+fi
+
 step "submission"
 $py -m src.predict.predict_submission --dataset "$DATASET" --output-dir "$OUTPUT" --run-name "$CELL_RUN" \
   --folds "$folds" --img-size "$CELL_SIZE" --fusion-run "$IMAGE_RUN" --fusion-img-size "$IMAGE_SIZE" \
-  --fusion-weight "$FUSION_WEIGHT" --out "$OUTPUT/submission.csv"
+  "${fusion[@]}" --out "$OUTPUT/submission.csv"
 echo "pipeline finished: $OUTPUT/submission.csv"

@@ -39,6 +39,21 @@ def test_soft_targets_selection_and_blend():
     assert blended[2, 1] == pytest.approx(0.2)  # image b has no label row: only the soft part
 
 
+def test_auto_image_label_weights_by_hand():
+    ids = np.array(["A", "A", "B", "C", "D", "D"])
+    predictions = np.zeros((6, 19))
+    predictions[:, 0] = [0.9, 0.1, 0.8, 0.1, 0.2, 0.0]      # max per image A .9, B .8, C .1, D .2: finds A, B
+    predictions[:, 1] = [0.1, 0.0, 0.2, 0.9, 0.8, 0.3]      # max A .1, B .2, C .9, D .8: ranks A, B last
+    table = pd.DataFrame({"ID": ["A", "B", "C", "D"], "Label": ["0|1", "0|1", "16", "16"]})
+    weights = cellwise.auto_image_label_weights(predictions, ids, table)
+    assert weights[0] == pytest.approx(0.5)                  # AP 1: the floor
+    # class 1 ranked C, D, B, A: AP = (1/3 + 2/4) / 2
+    assert weights[1] == pytest.approx(1 - (1 / 3 + 2 / 4) / 2)
+    assert weights[2] == pytest.approx(0.5)                  # no labelled image: the floor
+    assert weights[16] == pytest.approx(0.5)                 # all scores tied: AP = prevalence 2/4
+    assert cellwise.auto_image_label_weights(predictions, ids, table, floor=0.0)[0] == pytest.approx(0.0)
+
+
 def test_upsampled_indices_repeat_minority_cells():
     targets = np.zeros((40, 19))
     targets[:38, 0] = 0.9      # majority class: 38 cells

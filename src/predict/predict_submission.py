@@ -7,7 +7,8 @@ Fields without bbox records are segmented first. Each cell is predicted by the f
 the TTA views (default identity, flips, rot90, scale_shift), its neighbours masked out. With
 `--input-style image-level` the models are image-level ones and cells are shown tiled at field
 scale (as for pseudo-labels). Negative = min over classes of (1 - P_c) (`--negative product` for
-the product). `--fusion-run` averages in the image-level ensemble's whole-field prediction.
+the product). `--fusion-run` averages in the image-level ensemble's whole-field prediction, with one weight
+(`--fusion-weight`) or a weight per class chosen by `src.predict.choose_fusion` (`--fusion-weights`).
 `--border-down-weight S` multiplies each cell's confidences in submission.csv by 1 - S x its border
 fraction (the share of its outline on the field border, from the bbox record), so cells cut by the
 border rank lower; submission_cells.csv keeps the model's probabilities.
@@ -41,6 +42,7 @@ from src.train.models import load_model_checkpoint
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
 
 log = logging.getLogger(__name__)
+FUSION_COLUMNS = ("class", "name", "weight", "ap_cell", "ap_fused")  # fusion_weights.csv (src.predict.choose_fusion)
 
 
 def negative_probability(probabilities: np.ndarray, rule: str = "min") -> np.ndarray:
@@ -56,6 +58,20 @@ def prediction_string(cell_mask: np.ndarray, probabilities: np.ndarray) -> str:
         mask_text = encode_mask(cell_mask == cell_i + 1)
         triples += [f"{cls} {probabilities[cell_i, cls]:.6f} {mask_text}" for cls in range(NUM_CLASSES)]
     return " ".join(triples)
+
+
+def read_fusion_weights(path: str | Path) -> np.ndarray:
+    """(classes,) weights from a fusion_weights.csv."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path} not found (run src.predict.choose_fusion)")
+    table = pd.read_csv(path)
+    if set(FUSION_COLUMNS) - set(table.columns) or sorted(table["class"]) != list(range(NUM_CLASSES)):
+        raise UserInputError(f"{path}: expected columns {','.join(FUSION_COLUMNS)} and one row per class")
+    weights = table.sort_values("class")["weight"].to_numpy(np.float64)
+    if not ((weights >= 0) & (weights <= 1)).all():
+        raise UserInputError(f"{path}: weights must be in [0, 1]")
+    return weights
 
 
 def load_ensemble(outputs: OutputLayout, run_name: str, folds: list[int], checkpoint: str, device) -> list:
@@ -78,10 +94,11 @@ def ensemble_predict(models: list, inputs: np.ndarray, views: tuple[str, ...], b
     return total / max(len(models), 1)
 
 
-def cell_model_inputs(layout: DatasetLayout, image_id: str, record, style: str, img_size: int) -> np.ndarray:
+def cell_model_inputs(layout: DatasetLayout, image_id: str, record, style: str, img_size: int,
+                      source: str = "test") -> np.ndarray:
     if style == "image-level":
-        return cell_inputs(load_field(layout, "test", image_id, img_size), record, img_size)
-    field = load_full_resolution(layout, "test", image_id, record.image_shape)
+        return cell_inputs(load_field(layout, source, image_id, img_size), record, img_size)
+    field = load_full_resolution(layout, source, image_id, record.image_shape)
     return np.stack([cellwise_input(masked_crop(field, record, i), img_size).transpose(2, 0, 1)
                      for i in range(record.n_cells)]) if record.n_cells else np.zeros((0, 4, img_size, img_size), np.uint8)
 
@@ -127,6 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fusion-weight", type=float, default=0.0, help="weight of the image-level prediction")
     parser.add_argument("--border-down-weight", type=float, default=0.0,
                         help="confidences x (1 - this x the cell's border fraction) in submission.csv (0: off)")
+    parser.add_argument("--fusion-weights", default=None, help="fusion_weights.csv: a weight per class (overrides --fusion-weight)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--overlays", type=int, default=4, help="overlay PNGs for the first N fields")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -137,15 +155,16 @@ def main(argv=None) -> int:
     views = tuple(v.strip() for v in args.tta.split(",") if v.strip())
     if not views or set(views) - set(TTA_VIEWS + EXTRA_TTA_VIEWS):
         raise UserInputError(f"--tta must name views among {TTA_VIEWS + EXTRA_TTA_VIEWS}")
-    if not 0 <= args.fusion_weight <= 1 or (args.fusion_weight > 0 and not args.fusion_run):
-        raise UserInputError("--fusion-weight must be in [0, 1] and needs --fusion-run")
+    fusion_weights = read_fusion_weights(args.fusion_weights) if args.fusion_weights else np.full(NUM_CLASSES, args.fusion_weight)
+    if not 0 <= args.fusion_weight <= 1 or (fusion_weights.any() and not args.fusion_run):
+        raise UserInputError("--fusion-weight must be in [0, 1] and fusion needs --fusion-run")
     if not 0 <= args.border_down_weight <= 1:
         raise UserInputError("--border-down-weight must be in [0, 1]")
     out = Path(args.out) if args.out else outputs.root / "submission.csv"
     device = torch.device(args.device)
     folds = [int(f) for f in args.folds.split(",")]
     models = load_ensemble(outputs, args.run_name, folds, args.checkpoint, device)
-    fusion_models = load_ensemble(outputs, args.fusion_run, folds, args.checkpoint, device) if args.fusion_weight else []
+    fusion_models = load_ensemble(outputs, args.fusion_run, folds, args.checkpoint, device) if fusion_weights.any() else []
     tests = test_table(layout)
     records_dir = outputs.bboxes_dir / "test"
     missing = [i for i in tests["ID"] if not record_path(outputs.bboxes_dir, "test", i).is_file()]
@@ -169,7 +188,7 @@ def main(argv=None) -> int:
             if fusion_models and record.n_cells:
                 whole = load_field(layout, "test", image_id, args.fusion_img_size).transpose(2, 0, 1)[None]
                 image_level = ensemble_predict(fusion_models, np.ascontiguousarray(whole), ("identity",), 1, device)
-                probabilities = (1 - args.fusion_weight) * probabilities + args.fusion_weight * image_level
+                probabilities = (1 - fusion_weights) * probabilities + fusion_weights * image_level
             probabilities[:, NEGATIVE] = negative_probability(probabilities, args.negative)
         except (ImageReadError, FileNotFoundError, ValueError) as error:
             log.warning("skipped %s: %s", image_id, error)

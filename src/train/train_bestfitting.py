@@ -27,6 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from src.data.schema import DatasetLayout, OutputLayout
+from src.train.copy_paste import RarePasteDataset
 from src.train.datasets import (ImageLevelDataset, ResumableDistributedSampler, SampleReadError, fold_split,
                                  make_loader)
 from src.train.distributed import cleanup_distributed, init_distributed
@@ -121,7 +122,13 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return finish_args(build_parser(__doc__, SELECT_BY, "loss").parse_args(argv))
+    parser = build_parser(__doc__, SELECT_BY, "loss")
+    parser.add_argument("--paste-rare", type=float, default=0.0,
+                        help="probability of pasting a rare-class cell into a training field (src/train/copy_paste.py; 0: off)")
+    args = finish_args(parser.parse_args(argv))
+    if not 0 <= args.paste_rare <= 1:
+        raise UserInputError("--paste-rare must be in [0, 1]")
+    return args
 
 
 def select_device(args: argparse.Namespace) -> torch.device:
@@ -189,7 +196,12 @@ def train(args: argparse.Namespace, device: torch.device, dist_info) -> int:
     train_set = ImageLevelDataset(layout, train_table, args.img_size, augment=True, seed=args.seed,
                                   in_channels=args.in_channels)
     valid_set = ImageLevelDataset(layout, valid_table, args.img_size, in_channels=args.in_channels)
-    return run_training(args, device, dist_info, train_set, valid_set, image_level_metrics(train_set.targets),
+    metrics = image_level_metrics(train_set.targets)
+    if args.paste_rare:
+        train_set = RarePasteDataset(train_set, OutputLayout(args.output).bboxes_dir, args.paste_rare, args.seed)
+        log.info("pasting rare cells into %.0f%% of training fields (%d donor cells)", 100 * args.paste_rare,
+                 len(train_set.donors))
+    return run_training(args, device, dist_info, train_set, valid_set, metrics,
                         *SELECT_BY[args.select_by])
 
 

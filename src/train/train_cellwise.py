@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import average_precision_score
 from torch.utils.data import Dataset
 
 from src.data.bbox_records import border_weights, masked_crop, read_record, record_path
@@ -44,6 +45,7 @@ log = logging.getLogger("hpa.train")
 SELECT_BY = {"binned-accuracy": ("val_binned_accuracy", "max"), "loss": ("val_focal_loss", "min"),
              "map": ("val_map", "max")}
 SOURCE_NAMES = {code: name for name, code in store.SOURCE_CODES.items()}
+AUTO_WEIGHT_FLOOR = 0.5  # --image-label-weight auto never goes below the demo's fixed weight
 
 
 def binned_accuracy(predictions: np.ndarray, targets: np.ndarray, width: float = 0.05) -> float:
@@ -79,6 +81,25 @@ def blend_image_labels(targets: np.ndarray, image_ids: np.ndarray, label_table: 
     image_labels = dict(zip(label_table["ID"], labels_to_multihot(label_table["Label"].tolist()).astype(np.float32)))
     broadcast = np.stack([image_labels.get(i, np.zeros(targets.shape[1], np.float32)) for i in image_ids])
     return ((1 - weight) * targets + weight * broadcast).astype(np.float32)
+
+
+def auto_image_label_weights(predictions: np.ndarray, image_ids: np.ndarray, label_table: pd.DataFrame,
+                             floor: float = AUTO_WEIGHT_FLOOR) -> np.ndarray:
+    """(classes,) image-label weights from how well the pseudo-labels find the image labels: per class,
+    max(floor, 1 - AP) of the image's highest cell pseudo-label ranked against the (out-of-fold) image
+    labels. Weak pseudo-labels (a short first stage) lean on the image labels; a class without
+    labelled images keeps the floor. Needs no cell-level truth."""
+    labels = dict(zip(label_table["ID"], labels_to_multihot(label_table["Label"].tolist())))
+    frame = pd.DataFrame(predictions.astype(np.float64))
+    frame["ID"] = image_ids
+    per_image = frame.groupby("ID", sort=True).max()
+    per_image = per_image[per_image.index.isin(list(labels))]
+    truth = np.stack([labels[i] for i in per_image.index]) if len(per_image) else np.zeros((0, predictions.shape[1]))
+    weights = np.full(predictions.shape[1], floor)
+    for cls in range(predictions.shape[1]):
+        if 0 < truth[:, cls].sum() < len(truth):
+            weights[cls] = max(floor, 1.0 - average_precision_score(truth[:, cls], per_image[cls].to_numpy()))
+    return weights
 
 
 def upsampled_indices(targets: np.ndarray, factor: int) -> np.ndarray:
@@ -182,8 +203,9 @@ def parse_args(argv=None):
                         help="pseudo-label HDF5 (default: {output}/pseudo_labels.h5)")
     parser.add_argument("--selection", action="append", default=[], help="selection CSV (ID,cell_i); repeatable")
     parser.add_argument("--selection-class", action="append", default=None, help="class of each --selection")
-    parser.add_argument("--image-label-weight", type=float, default=0.0,
-                        help="blend: target = (1 - w) * pseudo-label + w * the image's label (0: the reference)")
+    parser.add_argument("--image-label-weight", default="0",
+                        help="blend: target = (1 - w) * pseudo-label + w * the image's label (0: the reference); "
+                             "'auto': per class max(0.5, 1 - image-level AP of the pseudo-labels)")
     parser.add_argument("--upsample-minorities", type=int, default=0,
                         help="repeat cells of minority classes this many times (0: off)")
     parser.add_argument("--border-down-weight", type=float, default=0.0,
@@ -213,11 +235,19 @@ def train(args, device: torch.device, dist_info) -> int:
         sources = [SOURCE_NAMES[int(code)] for code in pseudo.column("source")]
         targets = soft_targets(pseudo.column("predictions"), image_ids, cell_indices,
                                read_selections(args.selection, args.selection_class))
-    if args.image_label_weight:
-        if not 0 <= args.image_label_weight <= 1:
+    if args.image_label_weight != "auto":
+        try:
+            weight = float(args.image_label_weight)
+        except ValueError:
+            raise UserInputError("--image-label-weight must be a number in [0, 1] or 'auto'") from None
+        if not 0 <= weight <= 1:
             raise UserInputError("--image-label-weight must be in [0, 1]")
+    if args.image_label_weight == "auto" or weight:
         table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
-        targets = blend_image_labels(targets, image_ids, table, args.image_label_weight)
+        if args.image_label_weight == "auto":
+            weight = auto_image_label_weights(targets, image_ids, table)
+            log.info("image-label weights: %s", " ".join(f"{w:.2f}" for w in weight))
+        targets = blend_image_labels(targets, image_ids, table, weight)
     fold_of = dict(zip(folds["ID"], folds["fold"]))
     cells = pd.DataFrame({"ID": image_ids, "cell_i": cell_indices, "source": sources})
     cell_fold = cells["ID"].map(fold_of).fillna(-1).astype(int).to_numpy()
