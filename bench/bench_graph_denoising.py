@@ -37,25 +37,18 @@ import pandas as pd  # noqa: E402
 
 from src.data.classes import NUM_CLASSES  # noqa: E402
 from src.data.schema import OutputLayout  # noqa: E402
-from src.predict import pseudo_label_store as store  # noqa: E402
 
 
 def generate(n_cells: int, n_dims: int, seed: int, workdir: Path) -> None:
     """Pseudo-label HDF5, one-fold folds CSV and the truth (lowered mask) under workdir."""
-    from src.denoising.synthetic import make_clustered_cells
+    from src.denoising.synthetic import make_clustered_cells, write_pseudo_label_store
 
     cells = make_clustered_cells(n_cells, n_dims=n_dims, seed=seed)
     layout = OutputLayout(workdir)
     layout.root.mkdir(parents=True, exist_ok=True)
-    image_ids = store.encode_ids([f"img{i // 20:06d}" for i in range(n_cells)])
-    cell_indices = (np.arange(n_cells) % 20).astype(np.int32)
-    no_code = np.zeros(n_cells, np.int8)
-    store.write_part(layout.pseudo_labels_h5, "bench", store.CellRows(
-        image_ids, cell_indices, no_code.astype(np.uint8), no_code, cells.predictions.astype(np.float16),
-        cells.embeddings))
+    image_ids, cell_indices = write_pseudo_label_store(layout.pseudo_labels_h5, cells.predictions, cells.embeddings, 20)
     del cells.embeddings
-    store.unify(layout.pseudo_labels_h5, compression=None)
-    pd.DataFrame({"ID": image_ids.astype(str), "cell_i": cell_indices, "fold": 0}).to_csv(
+    pd.DataFrame({"ID": image_ids, "cell_i": cell_indices, "fold": 0}).to_csv(
         layout.denoising_folds_csv, index=False)
     np.savez(workdir / "truth.npz", lowered=cells.lowered)
 

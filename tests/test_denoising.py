@@ -12,8 +12,7 @@ import scipy.sparse as sp
 from src.data.classes import CLASS_NAMES, NUM_CLASSES
 from src.data.schema import OutputLayout
 from src.denoising import graph, graph_denoising, reference, select_candidates, solver, spectrum
-from src.denoising.synthetic import make_clustered_cells
-from src.predict import pseudo_label_store as store
+from src.denoising.synthetic import make_clustered_cells, write_pseudo_label_store
 from src.utils.io import UserInputError
 
 CLASS_MITOTIC = CLASS_NAMES.index("Mitotic spindle")
@@ -213,14 +212,9 @@ def write_inputs(root, n_cells=900, n_dims=24, n_folds=3, seed=7):
     cells = small_cells(n_cells, n_dims=n_dims, seed=seed)
     layout = OutputLayout(root)
     layout.root.mkdir(parents=True, exist_ok=True)
-    image_ids = store.encode_ids([f"img{i // 10:04d}" for i in range(n_cells)])
-    cell_indices = (np.arange(n_cells) % 10).astype(np.int32)
-    no_code = np.zeros(n_cells, np.int8)
-    store.write_part(layout.pseudo_labels_h5, "test", store.CellRows(
-        image_ids, cell_indices, no_code.astype(np.uint8), no_code, cells.predictions.astype(np.float16),
-        cells.embeddings.astype(np.float16)))
-    store.unify(layout.pseudo_labels_h5, compression=None)
-    folds = pd.DataFrame({"ID": image_ids.astype(str), "cell_i": cell_indices,
+    image_ids, cell_indices = write_pseudo_label_store(layout.pseudo_labels_h5, cells.predictions,
+                                                       cells.embeddings.astype(np.float16), 10)
+    folds = pd.DataFrame({"ID": image_ids, "cell_i": cell_indices,
                           "fold": np.random.default_rng(seed).permutation(np.arange(n_cells) % n_folds)})
     folds.sample(frac=1.0, random_state=seed).to_csv(layout.denoising_folds_csv, index=False)  # order must not matter
     return cells, folds

@@ -15,8 +15,7 @@ import scipy.sparse as sp
 from src.data.classes import NUM_CLASSES
 from src.data.schema import OutputLayout
 from src.denoising import graph, graph_denoising, reference, select_candidates, solver, spectrum
-from src.denoising.synthetic import make_clustered_cells
-from src.predict import pseudo_label_store as store
+from src.denoising.synthetic import make_clustered_cells, write_pseudo_label_store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,17 +104,11 @@ def test_reference_flag_names_mean_ours():
 
 
 def write_pseudo_labels(root: Path, cells, compression: str | None = "gzip") -> pd.DataFrame:
-    n_cells = len(cells.predictions)
     layout = OutputLayout(root)
     layout.root.mkdir(parents=True, exist_ok=True)
-    image_ids = store.encode_ids([f"img{i // 10:05d}" for i in range(n_cells)])
-    cell_indices = (np.arange(n_cells) % 10).astype(np.int32)
-    no_code = np.zeros(n_cells, np.int8)
-    store.write_part(layout.pseudo_labels_h5, "test", store.CellRows(
-        image_ids, cell_indices, no_code.astype(np.uint8), no_code, cells.predictions.astype(np.float16),
-        cells.embeddings.astype(np.float16)))
-    store.unify(layout.pseudo_labels_h5, compression=compression)
-    folds = pd.DataFrame({"ID": image_ids.astype(str), "cell_i": cell_indices, "fold": 0})
+    image_ids, cell_indices = write_pseudo_label_store(layout.pseudo_labels_h5, cells.predictions,
+                                                       cells.embeddings.astype(np.float16), 10, compression)
+    folds = pd.DataFrame({"ID": image_ids, "cell_i": cell_indices, "fold": 0})
     folds.to_csv(layout.denoising_folds_csv, index=False)
     return folds
 

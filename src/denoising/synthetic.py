@@ -4,8 +4,11 @@ clusters share classes, with a known fraction of each class's positives given a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from src.predict import pseudo_label_store as store
 
 
 @dataclass
@@ -60,3 +63,17 @@ def make_clustered_cells(n_cells: int, n_dims: int = 1024, n_classes: int = 19, 
         lowered[chosen, class_i] = True
     predictions[lowered] = rng.uniform(0.0, low_label_max, int(lowered.sum()))
     return ClusteredCells(embeddings, predictions, cluster, positive, lowered)
+
+
+def write_pseudo_label_store(path: Path, predictions: np.ndarray, embeddings: np.ndarray, cells_per_image: int,
+                             compression: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Write generated cells as a unified pseudo-label HDF5 at `path`, `cells_per_image` cells to an image
+    (IDs img000000, img000001, ...). Returns (image IDs as str, cell_i) of the rows, in order."""
+    n_cells = len(predictions)
+    image_ids = store.encode_ids([f"img{i // cells_per_image:06d}" for i in range(n_cells)])
+    cell_indices = (np.arange(n_cells) % cells_per_image).astype(np.int32)
+    no_code = np.zeros(n_cells, np.int8)
+    store.write_part(path, "generated", store.CellRows(image_ids, cell_indices, no_code.astype(np.uint8), no_code,
+                                                       predictions.astype(np.float16), embeddings))
+    store.unify(path, compression=compression)
+    return image_ids.astype(str), cell_indices
