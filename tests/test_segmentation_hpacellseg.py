@@ -308,6 +308,13 @@ def test_cli_runs_on_stand_ins(small_synthetic, model_files, tmp_path):
     assert cli.main(_cli_args(small_synthetic.root, tmp_path, model_files["nuclei"], model_files["cell"])) == 0
     records = sorted((tmp_path / "bboxes" / "train").glob("*.npz"))
     assert len(records) == 3 and all(read_record(path).backend == "hpacellseg" for path in records)
+    # Worker processes (spawned, not forked: the parent has run the models) write the same records.
+    pooled = tmp_path / "pooled"
+    args = _cli_args(small_synthetic.root, pooled, model_files["nuclei"], model_files["cell"])
+    assert cli.main([*args, "--workers", "2", "--batch-size", "2"]) == 0
+    for path in records:
+        one, other = read_record(path), read_record(pooled / "bboxes" / "train" / path.name)
+        assert np.array_equal(one.cell_mask, other.cell_mask) and np.array_equal(one.boxes, other.boxes)
 
 
 def test_cli_stops_at_once_on_a_wrong_model_file(small_synthetic, model_files, tmp_path, capsys):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import logging
+import multiprocessing
 import os
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -190,7 +191,11 @@ def generate(layout: DatasetLayout, out_dir: Path, source: str, segmenter_config
         for image_ids in chunks:
             handle(_segment_chunk(image_ids))
     else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=init_args) as pool:
+        # The parent has already loaded and run the hpacellseg models (on CUDA when present); a forked
+        # child cannot use CUDA after that, so those workers start fresh.
+        context = multiprocessing.get_context("spawn") if segmenter_config["backend"] == "hpacellseg" else None
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=init_args,
+                                 mp_context=context) as pool:
             futures = [pool.submit(_segment_chunk, image_ids) for image_ids in chunks]
             try:
                 for future in as_completed(futures):
