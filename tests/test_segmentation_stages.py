@@ -14,6 +14,7 @@ from src.data.labels import parse_label_string
 from src.data.schema import DENOISING_FOLDS_COLUMNS, OutputLayout, obvious_staining_csv, obvious_staining_images_csv
 from src.preprocessing import create_denoising_folds, detect_negatives_with_obvious_staining as staining
 from src.preprocessing import generate_cell_bboxes, segmentation_report
+from src.segmentation import make_segmenter
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_top_pixel_means_and_reference_scale():
     assert staining.pixels_at_reference_scale(10, (512, 512)) == 1
 
 
-def test_obvious_staining_cli(small_synthetic, segmented, tmp_path):
+def test_obvious_staining_cli(small_synthetic, segmented, tmp_path, monkeypatch):
     dataset = tmp_path / "dataset"  # a view of the shared dataset, so its folder is not written to
     dataset.mkdir()
     shutil.copy(small_synthetic.train_csv, dataset / "train.csv")
@@ -80,9 +81,13 @@ def test_obvious_staining_cli(small_synthetic, segmented, tmp_path):
     for image_id, n_cells in zip(images["ID"], images["n_cells"]):  # cell_i follows the record
         record = read_record(segmented / "bboxes" / "train" / f"{image_id}.npz", load_mask=False)
         assert record.n_cells == n_cells == (cells["ID"] == image_id).sum()
-    # without records the same segmenter gives the same cells, and the result is deterministic
+    # without records the same segmenter gives the same cells, and the result is deterministic; the
+    # segmenter checked at start-up is the one used (a model backend is not loaded twice)
+    built = []
+    monkeypatch.setattr(staining, "make_segmenter", lambda **config: built.append(config) or make_segmenter(**config))
     assert staining.main(["--dataset", str(dataset), "--output-dir", str(tmp_path / "none"), "--threshold", "100"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(obvious_staining_csv(dataset), dtype={"ID": str}), cells)
+    assert len(built) == 1
 
 
 def test_segmentation_report_on_synthetic(small_synthetic, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -62,9 +63,9 @@ def top_pixel_means(green: np.ndarray, cells: np.ndarray, k: int) -> np.ndarray:
 _state: dict = {}
 
 
-def _init(config: dict) -> None:
+def _init(config: dict, segmenter=None) -> None:
     _state.update(config)
-    _state["segmenter"] = None
+    _state["segmenter"] = segmenter
 
 
 def _cell_mask(image_id: str) -> np.ndarray:
@@ -134,15 +135,17 @@ def main(argv=None) -> int:
                   segmenter_config=dict(backend=args.backend, work_size=args.work_size,
                                         nuclei_model=args.nuclei_model, cell_model=args.cell_model))
     try:
-        make_segmenter(**config["segmenter_config"])  # a missing or wrong model file stops the run here
+        segmenter = make_segmenter(**config["segmenter_config"])  # a missing or wrong model file stops the run here
     except (RuntimeError, ValueError) as error:
         raise UserInputError(str(error)) from None
     cell_rows, image_rows, failures = [], [], []
     if args.workers > 1:
-        with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(config,)) as pool:
+        # hpacellseg has just run here (on CUDA by default), which a forked child could not use
+        context = multiprocessing.get_context("spawn") if args.backend == "hpacellseg" else None
+        with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(config,), mp_context=context) as pool:
             results = list(tqdm(pool.map(_measure, ids, chunksize=4), total=len(ids), desc="obvious staining"))
     else:
-        _init(config)
+        _init(config, segmenter)  # the segmenter just built and checked, not a second copy
         results = [_measure(image_id) for image_id in tqdm(ids, desc="obvious staining")]
     for image_id, means, error in results:
         if error:
