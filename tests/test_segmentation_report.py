@@ -77,3 +77,20 @@ def test_a_wrong_model_file_is_one_line(small_synthetic, tmp_path, capsys):
                               "hpacellseg", "--nuclei-model", str(text), "--cell-model", str(text)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and lines == [lines[0]] and lines[0].startswith(f"error: nuclei model {text}")
+
+
+def test_from_records_shows_the_records_and_a_damaged_record_is_one_line(small_synthetic, tmp_path, capsys):
+    from src.preprocessing import generate_cell_bboxes
+
+    ids = pd.read_csv(small_synthetic.train_csv, dtype={"ID": str})["ID"][:2].tolist()
+    assert generate_cell_bboxes.main(["--dataset", str(small_synthetic.root), "--output-dir", str(tmp_path),
+                                      "--limit", "2", "--no-progress"]) == 0
+    args = ["--dataset", str(small_synthetic.root), "--output-dir", str(tmp_path), "--ids", *ids, "--from-records"]
+    assert report.main(args) == 0
+    assert _stats(tmp_path).loc[ids, "n_predicted"].min() > 0
+    record = tmp_path / "bboxes" / "train" / f"{ids[1]}.npz"
+    record.write_bytes(record.read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(report.main, args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {record}")

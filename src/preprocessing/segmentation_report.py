@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from skimage.measure import label as label_components
 
-from src.data.bbox_records import read_record, record_path
+from src.data.bbox_records import RecordError, read_record, record_path
 from src.data.images import ImageReadError, read_field
 from src.data.schema import DatasetLayout, OutputLayout
 from src.data.labels import source_image_ids
@@ -139,8 +139,11 @@ def main(argv=None) -> int:
             failures += 1
             continue
         if segmenter is None:
-            nuclei, cells = None, read_record(record_path(OutputLayout(args.output_dir).bboxes_dir, args.source,
-                                                          image_id)).cell_mask
+            path = record_path(OutputLayout(args.output_dir).bboxes_dir, args.source, image_id)
+            try:
+                nuclei, cells = None, read_record(path).cell_mask
+            except RecordError as error:  # a damaged record: one line, as in the other stages
+                raise UserInputError(f"{error}; delete it and rerun src.preprocessing.generate_cell_bboxes") from None
         else:
             nuclei, cells = segmenter.segment(field)
         reference_path = find_reference_mask(image_id, reference_dir, layout)
