@@ -196,8 +196,8 @@ def segment_nuclei(blue: np.ndarray, params: ClassicalParams, unit: float) -> np
         areas = np.bincount(labels.ravel())[1:]
         areas = areas[areas >= (3.0 * unit) ** 2]
         if areas.size:
-            median_radius = float(np.sqrt(np.median(areas) / np.pi))
-            labels = split_touching(mask, params.split_depth * median_radius, params.split_max_neck)
+            nucleus_radius = float(np.sqrt(np.median(areas) / np.pi))
+            labels = split_touching(mask, params.split_depth * nucleus_radius, params.split_max_neck)
     labels = labels.astype(np.uint16)
     # Specks of a few pixels are noise whatever the median says.
     labels = _drop_tiny(labels, (3.0 * unit) ** 2)
