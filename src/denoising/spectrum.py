@@ -147,6 +147,7 @@ def smallest_laplacian_eigenpairs(adjacency: sp.csr_matrix, m: int = 50, tol: fl
         log.warning("the graph has %d connected components, at least m = %d: the eigenbasis holds only "
                     "component indicators (denoising then averages within each component)", n_components, m)
         eigenvalues, vectors = np.zeros(m), null_vectors[:, :m]
+        residual, orthonormality = check_eigenpairs(normalized, eigenvalues, vectors, isolated)
     else:
         # Lanczos makes many small BLAS calls; several BLAS threads on a busy machine spin far more
         # than they compute (7x slower measured on 2 shared cores), so use one.
@@ -162,7 +163,7 @@ def smallest_laplacian_eigenpairs(adjacency: sp.csr_matrix, m: int = 50, tol: fl
                                                              tol / 100, seed + 1)
                 eigenvalues = np.concatenate([np.zeros(n_components), rest_values])
                 vectors = np.hstack([null_vectors, rest_vectors])
-    residual, orthonormality = check_eigenpairs(normalized, eigenvalues, vectors, isolated)
+                residual, orthonormality = check_eigenpairs(normalized, eigenvalues, vectors, isolated)
     if residual > RESIDUAL_LIMIT or orthonormality > ORTHONORMAL_LIMIT:
         raise EigenCheckError(f"eigenpairs of the {n_nodes}-cell graph failed the check: residual {residual:.2g} "
                               f"(limit {RESIDUAL_LIMIT:g}), orthonormality {orthonormality:.2g} "
