@@ -54,6 +54,21 @@ def test_separated_clusters_give_exactly_one_zero_eigenvalue_each(n_blobs, per_b
     np.testing.assert_allclose(zero_space @ (zero_space.T @ indicators), indicators, atol=1e-5)
 
 
+def test_more_components_than_eigenvectors_keep_only_the_largest_indicators():
+    sizes = [40] * 3 + [25] * 27  # 30 components, m = 8: the three of 40 cells come first
+    points = np.concatenate([separated_blobs(1, size, seed=i) + 50.0 * i for i, size in enumerate(sizes)])
+    adjacency = graph.knn_graph(points, 6)
+    _, degrees = spectrum.normalized_adjacency(adjacency)
+    every, count = spectrum.component_null_vectors(adjacency, degrees)
+    kept, same_count = spectrum.component_null_vectors(adjacency, degrees, limit=8)
+    assert count == same_count == 30 and every.shape[1] == 30 and kept.shape[1] == 8
+    np.testing.assert_array_equal(kept, every[:, :8])
+    assert (np.count_nonzero(kept[:, :3], axis=0) == 40).all()
+    eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(adjacency, 8)
+    assert (eigenvalues == 0).all()
+    np.testing.assert_allclose(vectors, every[:, :8], atol=1e-7)
+
+
 @pytest.mark.parametrize("n_blobs", [1, 3])
 def test_eigenpairs_agree_with_dense_eigh(n_blobs):
     rng = np.random.default_rng(n_blobs)
