@@ -26,7 +26,7 @@ CELL_EPOCHS=${CELL_EPOCHS:-5}
 DENOISE_FOLDS=${DENOISE_FOLDS:-3}
 KNN=${KNN:-200}
 EIGEN=${EIGEN:-50}
-SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: the reference's 0.92 x class maximum
+SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: select_candidates' default (quartiles) rule
 FUSION_WEIGHT=${FUSION_WEIGHT:-choose}  # image-level weight in the submission; choose: per class on out-of-fold training images, from the image labels
 IMAGE_RUN=${IMAGE_RUN:-image_level}
 CELL_RUN=${CELL_RUN:-cellwise}
@@ -73,8 +73,9 @@ for fold in $(seq 0 $((DENOISE_FOLDS - 1))); do
     --n-eigenvectors "$EIGEN" --plot-class "Mitotic spindle"
 done
 threshold=()  # the default quartiles rule; SELECT_ABOVE sets an absolute threshold instead
+# (the ${a[@]+...} form: bash before 4.4 calls an empty array unbound under set -u)
 [ -n "$SELECT_ABOVE" ] && threshold=(--denoised-above "$SELECT_ABOVE")
-$py -m src.denoising.select_candidates --class "Mitotic spindle" --init-below 0.4 "${threshold[@]}" \
+$py -m src.denoising.select_candidates --class "Mitotic spindle" --init-below 0.4 ${threshold[@]+"${threshold[@]}"} \
   --output-dir "$OUTPUT" --dataset "$DATASET" --out "$OUTPUT/mitotic_cells_selection.csv"
 
 step "cell-level training, $N_FOLDS folds"

@@ -68,17 +68,19 @@ if (( ${#gpus[@]} == 1 )); then
 else
   mkdir -p "$OUTPUT/logs"
   pids=()
+  status=0
+  # Every fold of a round is waited for even when one fails (a bare `wait` under set -e would exit at the
+  # first failure and leave the other folds running); a failed fold makes the exit status 1.
   for i in "${!folds[@]}"; do
     fold=${folds[$i]}
     gpu=${gpus[$(( i % ${#gpus[@]} ))]}
     train_fold "$fold" "$gpu" > "$OUTPUT/logs/train_image_level_fold$fold.log" 2>&1 &
     pids+=($!)
     if (( (i + 1) % ${#gpus[@]} == 0 )); then
-      for pid in "${pids[@]}"; do wait "$pid"; done
+      for pid in "${pids[@]}"; do wait "$pid" || status=1; done
       pids=()
     fi
   done
-  status=0
-  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || status=1; done  # ${a[@]+...}: empty under set -u in bash < 4.4
   exit $status
 fi

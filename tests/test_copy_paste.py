@@ -1,6 +1,7 @@
 import cv2
 import numpy as np
 import pandas as pd
+import pytest
 
 from src.data.bbox_records import build_record, record_path, write_record
 from src.data.classes import CLASS_INDEX
@@ -8,7 +9,7 @@ from src.data.make_synthetic import write_synthetic_dataset
 from src.data.schema import OutputLayout
 from src.data.synthetic import SyntheticConfig
 from src.train.copy_paste import RarePasteDataset, paste_cell
-from src.train.datasets import ImageLevelDataset
+from src.train.datasets import ImageLevelDataset, SampleReadError
 
 MITOTIC = CLASS_INDEX["Mitotic spindle"]
 
@@ -23,7 +24,8 @@ def test_paste_cell_by_hand():
     assert np.count_nonzero(out.any(axis=2)) == 3
 
 
-def test_pasted_fields_carry_a_donor_cell_and_its_class(tmp_path):
+def one_donor_dataset(tmp_path):
+    """(training dataset of 6 synthetic fields whose first image alone is labelled mitotic, bboxes dir)."""
     layout = write_synthetic_dataset(tmp_path / "d", 6, 0, SyntheticConfig(image_size=96, label_noise=0.0), seed=2)
     outputs = OutputLayout(tmp_path / "out")
     table = pd.read_csv(layout.train_csv, dtype={"ID": str})
@@ -32,7 +34,11 @@ def test_pasted_fields_carry_a_donor_cell_and_its_class(tmp_path):
     for image_id in table["ID"]:
         mask = cv2.imread(str(layout.truth_mask_path(image_id)), cv2.IMREAD_UNCHANGED)
         write_record(record_path(outputs.bboxes_dir, "train", image_id), build_record(image_id, mask))
-    base = ImageLevelDataset(layout, table, img_size=48)
+    return ImageLevelDataset(layout, table, img_size=48), outputs
+
+
+def test_pasted_fields_carry_a_donor_cell_and_its_class(tmp_path):
+    base, outputs = one_donor_dataset(tmp_path)
     assert RarePasteDataset(base, outputs.bboxes_dir, 0.0)[(3, 1)][0].equal(base[(3, 1)][0])
     dataset = RarePasteDataset(base, outputs.bboxes_dir, 1.0, seed=5)
     donor_cells = [dataset.donor_cell(row, cell_i) for row, cell_i, _ in dataset.donors]
@@ -65,3 +71,18 @@ def test_pasted_fields_carry_a_donor_cell_and_its_class(tmp_path):
                     break
             assert found, (index, epoch)
     assert changed >= 6
+
+
+def test_unreadable_donor_files_are_sample_read_errors(tmp_path):
+    base, outputs = one_donor_dataset(tmp_path)
+    donor_record = record_path(outputs.bboxes_dir, "train", base.ids[0])
+    saved = donor_record.read_bytes()
+    donor_record.write_text("not a record")
+    with pytest.raises(SampleReadError, match="donor record"):
+        RarePasteDataset(base, outputs.bboxes_dir, 1.0)
+    donor_record.write_bytes(saved)
+    dataset = RarePasteDataset(base, outputs.bboxes_dir, 1.0)
+    for channel_file in base.layout.image_dir("train").glob(f"{base.ids[0]}_*"):
+        channel_file.write_text("not an image")
+    with pytest.raises(SampleReadError, match=f"image {base.ids[0]} \\(rare-cell donor\\)"):
+        dataset[(1, 0)]

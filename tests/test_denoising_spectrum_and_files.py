@@ -16,6 +16,7 @@ from src.data.classes import NUM_CLASSES
 from src.data.schema import OutputLayout
 from src.denoising import graph, graph_denoising, reference, select_candidates, solver, spectrum
 from src.denoising.synthetic import make_clustered_cells, write_pseudo_label_store
+from src.utils.io import UserInputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,21 @@ def test_separated_clusters_give_exactly_one_zero_eigenvalue_each(n_blobs, per_b
     indicators /= np.linalg.norm(indicators, axis=0)
     zero_space = vectors[:, :n_blobs].astype(np.float64)
     np.testing.assert_allclose(zero_space @ (zero_space.T @ indicators), indicators, atol=1e-5)
+
+
+def test_more_components_than_eigenvectors_keep_only_the_largest_indicators():
+    sizes = [40] * 3 + [25] * 27  # 30 components, m = 8: the three of 40 cells come first
+    points = np.concatenate([separated_blobs(1, size, seed=i) + 50.0 * i for i, size in enumerate(sizes)])
+    adjacency = graph.knn_graph(points, 6)
+    _, degrees = spectrum.normalized_adjacency(adjacency)
+    every, count = spectrum.component_null_vectors(adjacency, degrees)
+    kept, same_count = spectrum.component_null_vectors(adjacency, degrees, limit=8)
+    assert count == same_count == 30 and every.shape[1] == 30 and kept.shape[1] == 8
+    np.testing.assert_array_equal(kept, every[:, :8])
+    assert (np.count_nonzero(kept[:, :3], axis=0) == 40).all()
+    eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(adjacency, 8)
+    assert (eigenvalues == 0).all()
+    np.testing.assert_allclose(vectors, every[:, :8], atol=1e-7)
 
 
 @pytest.mark.parametrize("n_blobs", [1, 3])
@@ -207,6 +223,36 @@ def test_fold_rows_stream_the_same_values_as_a_full_read(tmp_path):
             assert view.shape == (len(rows), 3)
             np.testing.assert_array_equal(np.concatenate([view[i:i + 2] for i in range(0, len(rows), 2)]), values[rows])
             assert view[len(rows):].shape == (0, 3)
+
+
+class CountingRows:
+    """Row-sliceable embeddings that count how many rows were read (as FoldRows reads the HDF5)."""
+
+    def __init__(self, values: np.ndarray):
+        self.values, self.shape, self.rows_read = values, values.shape, 0
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        block = self.values[key]
+        self.rows_read += len(block)
+        return block
+
+
+@pytest.mark.parametrize("pca_dims, passes", [(0, 1), (4, 2)])
+def test_prepare_points_reads_each_row_once_per_pass_and_still_refuses_nan(pca_dims, passes):
+    values = np.random.default_rng(3).normal(size=(50, 8)).astype(np.float16)
+    reader = CountingRows(values)
+    points, _ = graph.prepare_points(reader, "l2", pca_dims, block_rows=16)
+    assert reader.rows_read == passes * len(values)  # the NaN/inf check adds no pass of its own
+    if not pca_dims:
+        np.testing.assert_array_equal(points, values.astype(np.float32))
+    for bad in (np.nan, np.inf):
+        damaged = values.copy()
+        damaged[[5, 40], 2] = bad
+        with pytest.raises(UserInputError, match=r"2 of 50 embeddings hold NaN or inf \(rows \[5, 40\]\)"):
+            graph.prepare_points(CountingRows(damaged), "l2", pca_dims, block_rows=16)
 
 
 def test_cli_finds_every_component(tmp_path):

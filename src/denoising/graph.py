@@ -38,21 +38,21 @@ FAISS_DATABASE_BLOCK = 16384  # rows; the distance buffer is 4096 x this float32
 PCA_FIT_ROWS = 32768  # principal components of 1024-d rows are stable well before this many rows
 
 
-def check_finite_rows(embeddings: np.ndarray, block_rows: int = DEFAULT_BLOCK_ROWS) -> None:
-    """Raise UserInputError naming the first bad rows when any embedding holds NaN or inf."""
-    bad_rows = []
-    for start in range(0, len(embeddings), block_rows):
-        block = np.asarray(embeddings[start:start + block_rows])
-        bad_rows.extend((start + np.flatnonzero(~np.isfinite(block).all(axis=1))).tolist())
+def _raise_non_finite(bad_rows: list[int], n_rows: int) -> None:
+    """UserInputError naming the first rows whose embedding holds NaN or inf (none: nothing)."""
     if bad_rows:
-        raise UserInputError(f"{len(bad_rows)} of {len(embeddings)} embeddings hold NaN or inf "
+        raise UserInputError(f"{len(bad_rows)} of {n_rows} embeddings hold NaN or inf "
                              f"(rows {bad_rows[:10]}{' ...' if len(bad_rows) > 10 else ''}); "
                              "fix the pseudo-labelling output before denoising")
 
 
-def _float_block(embeddings, start: int, stop: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Rows start:stop as float32 (L2-normalised under 'cosine') and their usable mask."""
+def _float_block(embeddings, start: int, stop: int, metric: str,
+                 bad_rows: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows start:stop as float32 (L2-normalised under 'cosine') and their usable mask; the indices
+    of rows holding NaN or inf (as float32) are appended to `bad_rows` when given."""
     block = np.asarray(embeddings[start:stop], dtype=np.float32)
+    if bad_rows is not None:
+        bad_rows.extend((start + np.flatnonzero(~np.isfinite(block).all(axis=1))).tolist())
     usable = np.ones(len(block), dtype=bool)
     if metric == "cosine":
         norms = np.sqrt(np.einsum("ij,ij->i", block, block))
@@ -81,22 +81,24 @@ def prepare_points(embeddings, metric: str = "l2", pca_dims: int = 0, block_rows
         raise UserInputError(f"unknown metric {metric!r}; choose one of {METRICS}")
     if len(embeddings.shape) != 2 or embeddings.shape[0] == 0:
         raise UserInputError(f"embeddings must be a non-empty 2-D array, got shape {embeddings.shape}")
-    check_finite_rows(embeddings, block_rows)
     n_rows, n_dims = embeddings.shape
     usable = np.ones(n_rows, dtype=bool)
+    bad_rows: list[int] = []  # NaN/inf rows, found during the first pass over the rows (no pass of its own)
     if not 0 < pca_dims < n_dims:
         points = np.empty((n_rows, n_dims), dtype=np.float32)
         for start in range(0, n_rows, block_rows):
             stop = min(start + block_rows, n_rows)
-            points[start:stop], usable[start:stop] = _float_block(embeddings, start, stop, metric)
+            points[start:stop], usable[start:stop] = _float_block(embeddings, start, stop, metric, bad_rows)
+        _raise_non_finite(bad_rows, n_rows)
         return points, usable
     fit_rows = np.sort(np.random.default_rng(seed).permutation(n_rows)[:PCA_FIT_ROWS])
     fit_blocks = []
     for start in range(0, n_rows, block_rows):
         stop = min(start + block_rows, n_rows)
-        block, usable[start:stop] = _float_block(embeddings, start, stop, metric)
+        block, usable[start:stop] = _float_block(embeddings, start, stop, metric, bad_rows)
         chosen = fit_rows[(fit_rows >= start) & (fit_rows < stop)] - start
         fit_blocks.append(block[chosen[usable[start + chosen]]])
+    _raise_non_finite(bad_rows, n_rows)
     mean, components = pca_components(np.concatenate(fit_blocks), pca_dims)
     points = np.empty((n_rows, pca_dims), dtype=np.float32)
     for start in range(0, n_rows, block_rows):

@@ -55,21 +55,25 @@ def normalized_adjacency(adjacency: sp.csr_matrix) -> tuple[sp.csr_matrix, np.nd
     return scaled, degrees
 
 
-def component_null_vectors(adjacency: sp.csr_matrix, degrees: np.ndarray) -> np.ndarray:
-    """(N, C) float64: for each connected component with edges, sqrt(degree) on its nodes, normalised.
+def component_null_vectors(adjacency: sp.csr_matrix, degrees: np.ndarray,
+                           limit: int | None = None) -> tuple[np.ndarray, int]:
+    """((N, min(C, limit)) float64, C): for each connected component with edges, sqrt(degree) on its
+    nodes, normalised, and the number C of such components.
 
-    These span the null space of L exactly; components come largest first.
+    These span the null space of L exactly; components come largest first, and only the `limit`
+    largest get a column (a graph of many small components would otherwise need a dense N x C array).
     """
     _, component = connected_components(adjacency, directed=False)
     has_edges = degrees > 0
     labels, sizes = np.unique(component[has_edges], return_counts=True)
-    labels = labels[np.argsort(-sizes, kind="stable")]
+    labels = labels[np.argsort(-sizes, kind="stable")][:limit]
     column_of = np.full(component.max() + 1, -1)
     column_of[labels] = np.arange(len(labels))
     vectors = np.zeros((len(degrees), len(labels)))
     rows = np.flatnonzero(has_edges)
+    rows = rows[column_of[component[rows]] >= 0]
     vectors[rows, column_of[component[rows]]] = np.sqrt(degrees[rows])
-    return vectors / np.linalg.norm(vectors, axis=0)
+    return vectors / np.linalg.norm(vectors, axis=0), len(sizes)
 
 
 def check_eigenpairs(normalized: sp.csr_matrix, eigenvalues: np.ndarray, vectors: np.ndarray,
@@ -141,12 +145,12 @@ def smallest_laplacian_eigenpairs(adjacency: sp.csr_matrix, m: int = 50, tol: fl
     started = time.perf_counter()
     normalized, degrees = normalized_adjacency(adjacency)
     isolated = degrees == 0
-    null_vectors = component_null_vectors(adjacency, degrees)
-    n_components = null_vectors.shape[1]
+    null_vectors, n_components = component_null_vectors(adjacency, degrees, limit=m)
     if n_components >= m:
         log.warning("the graph has %d connected components, at least m = %d: the eigenbasis holds only "
                     "component indicators (denoising then averages within each component)", n_components, m)
         eigenvalues, vectors = np.zeros(m), null_vectors[:, :m]
+        residual, orthonormality = check_eigenpairs(normalized, eigenvalues, vectors, isolated)
     else:
         # Lanczos makes many small BLAS calls; several BLAS threads on a busy machine spin far more
         # than they compute (7x slower measured on 2 shared cores), so use one.
@@ -162,7 +166,7 @@ def smallest_laplacian_eigenpairs(adjacency: sp.csr_matrix, m: int = 50, tol: fl
                                                              tol / 100, seed + 1)
                 eigenvalues = np.concatenate([np.zeros(n_components), rest_values])
                 vectors = np.hstack([null_vectors, rest_vectors])
-    residual, orthonormality = check_eigenpairs(normalized, eigenvalues, vectors, isolated)
+                residual, orthonormality = check_eigenpairs(normalized, eigenvalues, vectors, isolated)
     if residual > RESIDUAL_LIMIT or orthonormality > ORTHONORMAL_LIMIT:
         raise EigenCheckError(f"eigenpairs of the {n_nodes}-cell graph failed the check: residual {residual:.2g} "
                               f"(limit {RESIDUAL_LIMIT:g}), orthonormality {orthonormality:.2g} "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from src.data.bbox_records import list_record_ids, read_record, record_path
 from src.data.cache import load_field
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tta", default=",".join(TTA_VIEWS + EXTRA_TTA_VIEWS), help="cell-level views, as in the submission")
     parser.add_argument("--min-gain", type=float, default=0.01, help="AP a weight must add over no fusion")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="as predict_submission: CUDA when present")
     parser.add_argument("--out", default=None, help="default: {output}/fusion_weights.csv")
     args = parser.parse_args(argv)
     setup_logging()

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from src.data.bbox_records import cell_crop_mask, read_record, record_path
 from src.data.cache import load_field
 from src.data.classes import CLASS_INDEX
-from src.train.datasets import ImageLevelDataset
+from src.train.datasets import SAMPLE_READ_ERRORS, ImageLevelDataset, SampleReadError
 
 RARE_CLASSES = (CLASS_INDEX["Mitotic spindle"], CLASS_INDEX["Aggresome"])
 PASTE_STREAM = 7  # keeps these draws apart from the dihedral flips' stream
@@ -45,7 +45,10 @@ class RarePasteDataset(Dataset):
                 if target[cls] >= 0.5:
                     path = record_path(bboxes_dir, base.sources[row], base.ids[row])
                     if path.is_file():
-                        n_cells = read_record(path, load_mask=False).n_cells
+                        try:
+                            n_cells = read_record(path, load_mask=False).n_cells
+                        except SAMPLE_READ_ERRORS as error:
+                            raise SampleReadError(f"donor record {path}: {error}") from None
                         self.donors += [(row, cell_i, cls) for cell_i in range(n_cells)]
 
     def __len__(self) -> int:
@@ -61,8 +64,12 @@ class RarePasteDataset(Dataset):
     def donor_cell(self, row: int, cell_i: int) -> tuple[np.ndarray, np.ndarray]:
         """(pixels (h, w, C), mask (h, w)) of one donor cell at the base dataset's input scale."""
         base = self.base
-        field = load_field(base.layout, base.sources[row], base.ids[row], base.img_size)[..., :base.in_channels]
-        (y0, x0, y1, x1), labels = cell_crop_mask(self._record(row), cell_i, field.shape[:2])
+        try:  # as the base dataset's reads: one error line, also from a DataLoader worker
+            field = load_field(base.layout, base.sources[row], base.ids[row], base.img_size)[..., :base.in_channels]
+            record = self._record(row)
+        except SAMPLE_READ_ERRORS as error:
+            raise SampleReadError(f"{base.sources[row]} image {base.ids[row]} (rare-cell donor): {error}") from None
+        (y0, x0, y1, x1), labels = cell_crop_mask(record, cell_i, field.shape[:2])
         return np.asarray(field[y0:y1, x0:x1]), labels == cell_i + 1
 
     def __getitem__(self, key: int | tuple[int, int]):
