@@ -55,14 +55,17 @@ def choose_weights(cell_probabilities: np.ndarray, image_probabilities: np.ndarr
     image_labels : (n_images, classes) bool, the image labels.
     """
     n_true = image_labels.sum(axis=0)
+    # the image-level term is the same on every cell of an image, so the maximum of the fused
+    # confidences is the fusion of the maxima
+    cell_max = per_image_max(cell_probabilities, image_of, len(image_labels))
+    image_max = per_image_max(image_probabilities, image_of, len(image_labels))
     rows = []
     for cls in range(NUM_CLASSES):
         if cls == NEGATIVE or n_true[cls] == 0:
             rows.append((cls, CLASS_NAMES[cls], 0.0, np.nan, np.nan))
             continue
-        fused = [(1 - w) * cell_probabilities[:, cls:cls + 1] + w * image_probabilities[:, cls:cls + 1] for w in grid]
-        scores = [average_precision(image_labels[:, cls], per_image_max(f, image_of, len(image_labels))[:, 0], int(n_true[cls]))
-                  for f in fused]
+        scores = [average_precision(image_labels[:, cls], (1 - w) * cell_max[:, cls] + w * image_max[:, cls], int(n_true[cls]))
+                  for w in grid]
         best = int(np.argmax(scores))
         weight = grid[best] if scores[best] >= scores[grid.index(0.0)] + min_gain else 0.0
         rows.append((cls, CLASS_NAMES[cls], weight, scores[grid.index(0.0)], scores[grid.index(weight)]))
