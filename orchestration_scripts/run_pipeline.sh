@@ -27,7 +27,7 @@ DENOISE_FOLDS=${DENOISE_FOLDS:-3}
 KNN=${KNN:-200}
 EIGEN=${EIGEN:-50}
 SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: select_candidates' default (quartiles) rule
-FUSION_WEIGHT=${FUSION_WEIGHT:-choose}  # image-level weight in the submission; choose: per class on out-of-fold training images, from the image labels
+FUSION_WEIGHT=${FUSION_WEIGHT:-0}  # image-level weight in the submission (0: off); choose: per class on out-of-fold training images, from the image labels
 IMAGE_RUN=${IMAGE_RUN:-image_level}
 CELL_RUN=${CELL_RUN:-cellwise}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}          # extra flags for both trainers, e.g. "--init-weights none"
@@ -88,6 +88,7 @@ for fold in $(seq 0 "$last_fold"); do
 done
 
 fusion=(--fusion-weight "$FUSION_WEIGHT")
+rm -f "$OUTPUT/fusion_weights.csv"  # a stale file from an earlier choose run would mislabel the report
 if [ "$FUSION_WEIGHT" = choose ]; then
   step "fusion weights"
   $py -m src.predict.choose_fusion --dataset "$DATASET" --output-dir "$OUTPUT" --cell-run "$CELL_RUN" --image-run "$IMAGE_RUN" \

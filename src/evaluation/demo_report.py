@@ -106,8 +106,8 @@ def fusion_description(outputs: OutputLayout) -> str:
     weights = pd.read_csv(path)
     fused = weights[weights["weight"] > 0]
     if fused.empty:
-        return "chosen on out-of-fold training cells: off, no class gained"
-    return "chosen on out-of-fold training cells: " + ", ".join(f"{n} {w:g}" for n, w in zip(fused["name"], fused["weight"]))
+        return "chosen on out-of-fold training images' labels: off, no class gained"
+    return "chosen on out-of-fold training images' labels: " + ", ".join(f"{n} {w:g}" for n, w in zip(fused["name"], fused["weight"]))
 
 
 def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) -> tuple[list[str], pd.DataFrame]:
