@@ -364,6 +364,19 @@ def test_malformed_duplicates_table_is_one_line(dataset, capsys, row, fragment):
     assert not dataset.folds_csv.exists()
 
 
+def test_a_damaged_record_read_by_any_stage_is_one_line(segmented, capsys):
+    dataset, outputs = segmented
+    image_id = read_label_table(dataset.train_csv)["ID"].tolist()[0]
+    path = record_path(outputs.bboxes_dir, "train", image_id)
+    path.write_bytes(path.read_bytes()[:100])
+
+    def stage(argv):  # any stage that reads a record without its own handling
+        read_record(path)
+        return 0
+
+    one_error(*run_stage(stage, [], capsys), str(path))
+
+
 @pytest.mark.parametrize("content", [b"some text\n", b"", np.lib.format.MAGIC_PREFIX + b"\x01\x00garbage"])
 def test_text_file_as_record_is_not_called_pickled_data(segmented, capsys, content):
     dataset, outputs = segmented

@@ -72,12 +72,13 @@ class UserInputError(Exception):
 
 def run_cli(main, argv=None) -> None:
     """Run a CLI `main(argv) -> int`, turning expected input errors into one clear line and exit 2."""
+    from src.data.bbox_records import RecordError
     from src.data.images import ImageReadError
     from src.data.labels import LabelTableError
 
     try:
         code = main(argv)
-    except (UserInputError, ImageReadError, LabelTableError, FileNotFoundError, IsADirectoryError,
+    except (UserInputError, ImageReadError, LabelTableError, RecordError, FileNotFoundError, IsADirectoryError,
             NotADirectoryError, PermissionError) as error:  # the last four: a path the user gave is wrong
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
