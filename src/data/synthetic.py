@@ -246,18 +246,25 @@ def draw_cell_states(rng: np.random.Generator, count: int, negative_image_rate: 
     expression = {cls: rng.uniform(0.6, 1.0) for cls in main}
     if AGGRESOME in main:
         expression[AGGRESOME] = rng.uniform(0.55, 0.8) if rng.random() < 0.3 else rng.uniform(0.15, 0.4)
+    return cell_class_sets(rng, expression, mitotic, negative_image, NUCLEAR_CLASSES), mitotic
+
+
+def cell_class_sets(rng: np.random.Generator, rates: dict[int, float], mitotic: np.ndarray, negative_image: bool,
+                    nuclear_classes) -> list[set[int]]:
+    """Each cell's classes: a class of `rates` with its probability, mitotic spindle exactly in the
+    mitotic cells, no nuclear class in a mitotic cell (its nucleus has dissolved); {Negative} when empty."""
     cell_classes = []
-    for cell in range(count):
+    for cell in range(len(mitotic)):
         present = set()
         if not negative_image:
-            for cls, rate in expression.items():
+            for cls, rate in rates.items():
                 if cls == MITOTIC_SPINDLE:
                     if mitotic[cell]:
                         present.add(cls)
-                elif not (mitotic[cell] and cls in NUCLEAR_CLASSES) and rng.random() < rate:
+                elif not (mitotic[cell] and cls in nuclear_classes) and rng.random() < rate:
                     present.add(cls)
         cell_classes.append(present or {NEGATIVE})
-    return cell_classes, mitotic
+    return cell_classes
 
 
 def image_labels_from_cells(cell_classes: list[set[int]], majority: float) -> list[int]:

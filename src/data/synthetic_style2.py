@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from src.data.classes import CLASS_INDEX, NEGATIVE
-from src.data.synthetic import _depth, _draw_polyline, _points_in, _smooth_noise
+from src.data.classes import CLASS_INDEX
+from src.data.synthetic import _depth, _draw_polyline, _points_in, _smooth_noise, cell_class_sets
 
 # Classes this style draws and their weight as an image's main localisation.
 STYLE2_CLASS_WEIGHTS = {CLASS_INDEX[name]: weight for name, weight in (
@@ -114,18 +114,7 @@ def draw_cell_states_style2(rng: np.random.Generator, count: int, negative_image
     if rng.random() < 0.3:  # a minority-expressed extra class, rarely an image label
         share.setdefault(int(rng.choice(classes, p=p)), rng.uniform(0.1, 0.35))
     negative_image = rng.random() < negative_image_rate
-    cell_classes = []
-    for cell in range(count):
-        present = set()
-        if not negative_image:
-            for cls, rate in share.items():
-                if cls == MITOTIC_SPINDLE:
-                    if mitotic[cell]:
-                        present.add(cls)
-                elif not (mitotic[cell] and cls in NUCLEAR) and rng.random() < rate:
-                    present.add(cls)
-        cell_classes.append(present or {NEGATIVE})
-    return cell_classes, mitotic
+    return cell_class_sets(rng, share, mitotic, negative_image, NUCLEAR), mitotic
 
 
 def _paint(rng: np.random.Generator, planes: np.ndarray, cell: np.ndarray, nucleus: np.ndarray,
