@@ -116,6 +116,7 @@ PSEUDO_LABEL_DATASETS = {
 }
 DENOISING_FOLDS_COLUMNS = ("ID", "cell_i", "fold")
 SELECTION_COLUMNS = ("ID", "cell_i")
+FUSION_COLUMNS = ("class", "name", "weight", "ap_cell", "ap_fused")  # fusion_weights.csv (src.predict.choose_fusion)
 DENOISED_DATASETS = {
     "image_id": "S64 (N,)",
     "cell_i": "int32 (N,)",
@@ -148,6 +149,10 @@ class OutputLayout:
     @property
     def pseudo_labels_h5(self) -> Path:
         return self.root / "pseudo_labels.h5"
+
+    @property
+    def fusion_weights_csv(self) -> Path:
+        return self.root / "fusion_weights.csv"
 
     def denoised_h5(self, fold: int) -> Path:
         return self.root / "denoising" / f"fold{fold}.h5"

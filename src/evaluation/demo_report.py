@@ -100,7 +100,7 @@ def target_check(per_class: pd.DataFrame, margin: float = CLASS_MARGIN) -> tuple
 
 
 def fusion_description(outputs: OutputLayout) -> str:
-    path = outputs.root / "fusion_weights.csv"
+    path = outputs.fusion_weights_csv
     if not path.is_file():
         return "fixed weight"
     weights = pd.read_csv(path)
@@ -120,7 +120,7 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     image_level_csv, cellwise_csv = demo_dir / "b_image_level_per_cell.csv", demo_dir / "d_cellwise.csv"
     submission_main(common + ["--run-name", args.image_run, "--input-style", "image-level",
                               "--img-size", str(args.image_size), "--out", str(image_level_csv)])
-    fusion_weights = outputs.root / "fusion_weights.csv"
+    fusion_weights = outputs.fusion_weights_csv
     if fusion_weights.is_file() and not (pd.read_csv(fusion_weights)["weight"] > 0).any():
         cellwise_csv = outputs.root / "submission.csv"  # fusion off: the pipeline's submission is (d)
     else:

@@ -28,10 +28,10 @@ from src.data.bbox_records import list_record_ids, read_record, record_path
 from src.data.cache import load_field
 from src.data.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES
 from src.data.labels import labels_to_multihot, read_label_table
-from src.data.schema import DatasetLayout, OutputLayout
+from src.data.schema import FUSION_COLUMNS, DatasetLayout, OutputLayout
 from src.evaluation.cell_map import average_precision
 from src.predict.cell_inputs import EXTRA_TTA_VIEWS, TTA_VIEWS
-from src.predict.predict_submission import FUSION_COLUMNS, cell_model_inputs, ensemble_predict, load_ensemble
+from src.predict.predict_submission import cell_model_inputs, ensemble_predict, load_ensemble
 from src.train.datasets import read_folds
 from src.utils.io import UserInputError, run_cli, setup_logging, write_csv_atomic
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     setup_logging()
     layout, outputs = DatasetLayout(args.dataset), OutputLayout(args.output_dir)
     args.folds = [int(f) for f in args.folds.split(",")]
-    out = Path(args.out) if args.out else outputs.root / "fusion_weights.csv"
+    out = Path(args.out) if args.out else outputs.fusion_weights_csv
     ids, cell_rows, image_rows = out_of_fold_predictions(layout, outputs, args)
     if not ids:
         raise UserInputError(f"no training image of folds {args.folds} has cells in {outputs.bboxes_dir / 'train'}")

@@ -33,7 +33,7 @@ from src.data.cache import load_field, load_full_resolution
 from src.data.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES
 from src.data.images import ImageReadError
 from src.data.labels import read_test_table
-from src.data.schema import DatasetLayout, OutputLayout
+from src.data.schema import FUSION_COLUMNS, DatasetLayout, OutputLayout
 from src.evaluation.rle import encode_mask
 from src.predict.cell_inputs import EXTRA_TTA_VIEWS, TTA_VIEWS, cell_inputs, cellwise_input, predict_views
 from src.preprocessing.generate_cell_bboxes import generate
@@ -42,7 +42,6 @@ from src.train.models import load_model_checkpoint
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
 
 log = logging.getLogger(__name__)
-FUSION_COLUMNS = ("class", "name", "weight", "ap_cell", "ap_fused")  # fusion_weights.csv (src.predict.choose_fusion)
 
 
 def negative_probability(probabilities: np.ndarray, rule: str = "min") -> np.ndarray:
