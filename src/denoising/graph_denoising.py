@@ -29,7 +29,7 @@ import pandas as pd
 from src.data.classes import CLASS_NAMES, NUM_CLASSES, class_index, class_slug
 from src.data.schema import DENOISING_FOLDS_COLUMNS, SELECTION_COLUMNS, OutputLayout
 from src.denoising import graph, plots, solver, spectrum
-from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging
+from src.utils.io import UserInputError, atomic_path, readable_h5, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +42,6 @@ class FoldCells:
     cell_indices: np.ndarray   # (N,) int32
     predictions: np.ndarray    # (N, 19) float32
     embeddings: "FoldRows"     # (N, D) rows read from the open HDF5 on demand
-
-
-@contextlib.contextmanager
-def readable_h5(path: Path) -> Iterator[None]:
-    """Turn the errors of a damaged HDF5 (truncated, empty, not HDF5, bit-flipped data or metadata)
-    into one UserInputError line naming the file."""
-    try:
-        yield
-    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as error:
-        if isinstance(error, (UserInputError, FileNotFoundError)):
-            raise
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserInputError(f"{path} cannot be read as the expected HDF5 file ({reason}); it is damaged or "
-                             "truncated: rerun the stage that wrote it") from None
 
 
 class FoldRows:

@@ -26,8 +26,7 @@ import pandas as pd
 
 from src.data.classes import CLASS_NAMES, class_index, class_slug
 from src.data.schema import SELECTION_COLUMNS, OutputLayout, selection_csv
-from src.denoising.graph_denoising import readable_h5
-from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
+from src.utils.io import UserInputError, atomic_path, readable_h5, run_cli, setup_logging, write_csv_atomic
 
 log = logging.getLogger(__name__)
 

@@ -70,6 +70,20 @@ class UserInputError(Exception):
     """Bad input from the user (paths, tables, flags): printed as one line by `run_cli`."""
 
 
+@contextlib.contextmanager
+def readable_h5(path: Path) -> Iterator[None]:
+    """Turn the errors of a damaged HDF5 (truncated, empty, not HDF5, bit-flipped data or metadata)
+    into one UserInputError line naming the file."""
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as error:
+        if isinstance(error, (UserInputError, FileNotFoundError)):
+            raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserInputError(f"{path} cannot be read as the expected HDF5 file ({reason}); it is damaged or "
+                             "truncated: rerun the stage that wrote it") from None
+
+
 def run_cli(main, argv=None) -> None:
     """Run a CLI `main(argv) -> int`, turning expected input errors into one clear line and exit 2."""
     from src.data.bbox_records import RecordError
