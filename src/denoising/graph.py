@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 
+from src.denoising import search_space
 from src.utils.io import UserInputError, atomic_path
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ KNN_METHODS = ("auto", "exact", "ivf")
 # 'auto' searches exactly up to this many cells and with inverted lists above (exact cost grows as N^2:
 # 100k x 1024-d took 108 s exactly on 2 cores, 1M would take ~3 h)
 EXACT_MAX_CELLS = 60_000
-APPROXIMATE_PCA_DIMS = 128  # 'auto' above EXACT_MAX_CELLS: wider embeddings are projected to this first
 RECALL_SAMPLE = 1000  # rows whose approximate neighbours are checked against an exact search
 PROBE_TARGET_RECALL = 0.97  # sampled recall the inverted-list search is tuned to (0.95 wanted, with margin)
 PROBE_SAMPLE = 300
@@ -137,12 +137,6 @@ def _build_index(points: np.ndarray, method: str, seed: int, ivf_lists: int) -> 
     return index
 
 
-def _recall_of(found: np.ndarray, exact: np.ndarray, rows: np.ndarray, k: int) -> float:
-    """Mean share of each row's k exact nearest others (row itself removed) present in `found`."""
-    hits = [len(np.intersect1d(truth[truth != row][:k], got[got != row])) for row, truth, got in zip(rows, exact, found)]
-    return float(np.sum(hits) / (len(rows) * k))
-
-
 def choose_probe(index: faiss.Index, points: np.ndarray, k: int, seed: int, target: float = PROBE_TARGET_RECALL,
                  sample: int = PROBE_SAMPLE) -> int:
     """Smallest nprobe (doubling from 8) whose recall on `sample` rows reaches `target`, found by
@@ -153,7 +147,7 @@ def choose_probe(index: faiss.Index, points: np.ndarray, k: int, seed: int, targ
     n_probe, recall = 8, 0.0
     while True:
         index.nprobe = min(n_probe, index.nlist)
-        recall = _recall_of(index.search(queries, k + 1)[1], exact, rows, k)
+        recall = search_space.recall_of(index.search(queries, k + 1)[1], exact, rows, k)
         if recall >= target or index.nprobe == index.nlist or n_probe >= index.nlist // 4:
             break
         n_probe *= 2
@@ -214,38 +208,64 @@ def _search_blocks(index: faiss.Index, points: np.ndarray, k: int, neighbours: n
             log.info("kNN search: %d/%d cells after %.1f s", stop, n_rows, last_report - started)
 
 
-def adjacency_from_neighbours(neighbours: np.ndarray) -> sp.csr_matrix:
+def adjacency_from_neighbours(neighbours: np.ndarray, block_rows: int = 65536) -> sp.csr_matrix:
     """Symmetric 0/1 float32 CSR adjacency max(W, W^T) from (N, k) neighbour indices.
 
-    Entries -1 (not found), self links and repeats within a row are ignored. The directed CSR is
-    assembled straight from the sorted rows (10x faster than going through COO at 100k x 200).
+    Entries -1 (not found), self links and repeats within a row are ignored. Built in row blocks with
+    an int8 pattern, so that at 1M cells x 199 neighbours the temporaries stay near the size of the
+    result (the whole-matrix float32 route peaked at ~11 GB there).
     """
     n_rows, k = neighbours.shape
-    cleaned = np.where(neighbours == np.arange(n_rows, dtype=neighbours.dtype)[:, None], -1, neighbours)
-    cleaned = np.sort(cleaned, axis=1)
-    cleaned[:, 1:][cleaned[:, 1:] == cleaned[:, :-1]] = -1  # repeats are adjacent once sorted
-    cleaned = np.sort(cleaned, axis=1)
-    kept = cleaned >= 0
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(kept.sum(axis=1), out=indptr[1:])
-    indices = cleaned[kept].astype(np.int32)
-    directed = sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n_rows, n_rows))
+    counts = np.zeros(n_rows + 1, dtype=np.int64)
+    pieces = []
+    for start in range(0, n_rows, block_rows):
+        stop = min(start + block_rows, n_rows)
+        cleaned = np.sort(np.where(neighbours[start:stop] == np.arange(start, stop)[:, None], -1,
+                                   neighbours[start:stop]), axis=1)
+        cleaned[:, 1:][cleaned[:, 1:] == cleaned[:, :-1]] = -1  # repeats are adjacent once sorted
+        cleaned.sort(axis=1)
+        kept = cleaned >= 0
+        counts[start + 1:stop + 1] = kept.sum(axis=1)
+        pieces.append(cleaned[kept].astype(np.int32))
+    directed = sp.csr_matrix((np.ones(int(counts.sum()), dtype=np.int8), np.concatenate(pieces), np.cumsum(counts)),
+                             shape=(n_rows, n_rows))
+    del pieces
     directed.has_sorted_indices = True
-    symmetric = directed.maximum(directed.T.tocsr()).tocsr()
-    symmetric.sort_indices()
-    return symmetric.astype(np.float32)
+    transposed = directed.T.tocsr()  # sorted indices, int8 data
+    counts[:] = 0
+    pieces = []
+    for start in range(0, n_rows, block_rows):
+        stop = min(start + block_rows, n_rows)
+        union = directed[start:stop].maximum(transposed[start:stop]).tocsr()
+        union.sort_indices()
+        counts[start + 1:stop + 1] = np.diff(union.indptr)
+        pieces.append(union.indices.astype(np.int32, copy=False))
+    del directed, transposed
+    indices = np.concatenate(pieces)
+    del pieces
+    symmetric = sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, np.cumsum(counts)),
+                              shape=(n_rows, n_rows))
+    symmetric.has_sorted_indices = True
+    return symmetric
+
+
+PCA_FROM_DATA = -1  # pca_dims value: the approximate search picks the width from the data (search_space)
+# exact search in all dims stands in for the approximate one when no PCA width keeps the neighbours and
+# N^2 * D multiply-adds stay below this (1e13, 100k x 1024-d, took 108 s on 2 quiet cores)
+EXACT_FALLBACK_MAX_WORK = 2.5e13
 
 
 def choose_search(n_cells: int, n_dims: int, method: str = "auto", pca_dims: int | None = None) -> tuple[str, int]:
     """(kNN method, PCA dims) for 'auto': exact search in full dims up to EXACT_MAX_CELLS, else
-    inverted lists on the embeddings projected to APPROXIMATE_PCA_DIMS. An explicit method or
+    inverted lists on a PCA width chosen from the data (PCA_FROM_DATA). An explicit method or
     pca_dims (0 = off) is kept."""
     if method not in KNN_METHODS:
         raise UserInputError(f"unknown kNN method {method!r}; choose one of {KNN_METHODS}")
     if method == "auto":
         method = "exact" if n_cells <= EXACT_MAX_CELLS else "ivf"
     if pca_dims is None:
-        pca_dims = APPROXIMATE_PCA_DIMS if method == "ivf" and n_dims > APPROXIMATE_PCA_DIMS else 0
+        narrower = [width for width in search_space.CANDIDATE_PCA_DIMS if width < n_dims]
+        pca_dims = PCA_FROM_DATA if method == "ivf" and narrower else 0
     return method, pca_dims
 
 
@@ -255,7 +275,50 @@ def sampled_recall(points: np.ndarray, neighbours: np.ndarray, seed: int = 0, sa
     k = neighbours.shape[1]
     rows = np.sort(np.random.default_rng(seed + 2).permutation(len(points))[:sample])
     _, exact = faiss.knn(np.ascontiguousarray(points[rows]), points, k + 1)
-    return _recall_of(neighbours[rows], exact, rows, k)
+    return search_space.recall_of(neighbours[rows], exact, rows, k)
+
+
+def _search_space(embeddings, metric: str, method: str, pca_dims: int, k: int, seed: int,
+                  block_rows: int) -> tuple[str, int, np.ndarray, np.ndarray, tuple | None]:
+    """(method, PCA dims, kept points, kept rows, (sample, its exact full-width neighbours) or None).
+
+    A narrowed search (PCA) is checked against exact full-width neighbours on a sample; with
+    PCA_FROM_DATA the narrowest candidate width that keeps TARGET_AGREEMENT of them is used, or, when
+    none does, the exact search in all dims if it is affordable, else the widest candidate (warned).
+    """
+    n_rows, n_dims = embeddings.shape
+    widths = tuple(w for w in search_space.CANDIDATE_PCA_DIMS if w < n_dims) if pca_dims == PCA_FROM_DATA \
+        else ((pca_dims,) if pca_dims else ())
+    points, usable = prepare_points(embeddings, metric, max(widths, default=0), block_rows, seed)
+    if not usable.all():
+        log.warning("%d cells have all-zero embeddings: no direction for the cosine metric, so they get no "
+                    "edges and keep their initial labels", int((~usable).sum()))
+    kept_rows = np.flatnonzero(usable)
+    kept = points if usable.all() else points[kept_rows]
+    del points
+    if not widths:
+        return method, 0, kept, kept_rows, None
+    sample = np.sort(np.random.default_rng(seed + 2).permutation(len(kept_rows))[:RECALL_SAMPLE])
+    exact = search_space.exact_sample_neighbours(embeddings, kept_rows, sample, k,
+                                                 lambda rows, a, b: _float_block(rows, a, b, metric)[0], block_rows)
+    agreement = search_space.agreement_by_width(kept, sample, exact, k, widths)
+    log.info("share of the exact %d-d neighbours kept by an exact search after PCA, on %d sampled cells: %s",
+             n_dims, len(sample), ", ".join(f"{w} dims {share:.3f}" for w, share in agreement.items()))
+    if pca_dims == PCA_FROM_DATA:
+        pca_dims = search_space.narrowest_width(agreement)
+        if pca_dims is None and float(n_rows) ** 2 * n_dims <= EXACT_FALLBACK_MAX_WORK:
+            log.warning("no PCA width keeps %.0f%% of the neighbours (the embeddings' neighbourhoods are not in "
+                        "their principal components): exact search in all %d dims instead",
+                        100 * search_space.TARGET_AGREEMENT, n_dims)
+            del kept
+            points, _ = prepare_points(embeddings, metric, 0, block_rows, seed)
+            return "exact", 0, (points if usable.all() else points[kept_rows]), kept_rows, None
+        if pca_dims is None:
+            pca_dims = max(widths)
+            log.warning("no PCA width keeps %.0f%% of the exact neighbours and an exact search of %d cells in %d "
+                        "dims is too slow: searching %d dims (this changes the graph; see the README)",
+                        100 * search_space.TARGET_AGREEMENT, n_rows, n_dims, pca_dims)
+    return method, pca_dims, np.ascontiguousarray(kept[:, :pca_dims]), kept_rows, (sample, exact)
 
 
 def knn_graph(embeddings, k: int = 200, metric: str = "l2", pca_dims: int | None = None, method: str = "auto",
@@ -267,11 +330,13 @@ def knn_graph(embeddings, k: int = 200, metric: str = "l2", pca_dims: int | None
         k: neighbours per cell counting the cell itself, as the reference counts them: each cell is
             linked to its k - 1 nearest others (N must be at least k).
         metric: 'l2' (default, the reference's) or 'cosine'. Under 'cosine' zero-norm rows get no edges.
-        pca_dims: principal components kept before the search (0 = off; None = chosen with the method).
+        pca_dims: principal components kept before the search (0 = off; None = chosen with the method:
+            off for 'exact', from the data for 'ivf', see _search_space).
         method: 'auto' (exact up to EXACT_MAX_CELLS, else 'ivf'), 'exact' (faiss flat index) or 'ivf'
             (faiss inverted lists: approximate, its recall on a sample is logged).
-        seed: draws the PCA fitting sample, the 'ivf' training sample and the recall sample.
-        info: if given, filled with the method, PCA dims and sampled recall used.
+        seed: draws the PCA fitting sample, the 'ivf' training sample and the recall samples.
+        info: if given, filled with the method, PCA dims, the sampled recall against exact search in
+            the searched space ('recall') and against exact search in all dims ('full_recall').
     """
     n_rows, n_dims = embeddings.shape
     if k < 2:
@@ -281,31 +346,30 @@ def knn_graph(embeddings, k: int = 200, metric: str = "l2", pca_dims: int | None
                              "cells (use a smaller --n-neighbors or a larger fold)")
     method, pca_dims = choose_search(n_rows, n_dims, method, pca_dims)
     log.info("kNN search: %s%s for %d cells (auto: exact up to %d cells)", method,
+             " after PCA (width chosen from the data)" if pca_dims == PCA_FROM_DATA else
              f" after PCA to {pca_dims} dims" if pca_dims else f" in all {n_dims} dims", n_rows, EXACT_MAX_CELLS)
     started = time.perf_counter()
-    points, usable = prepare_points(embeddings, metric, pca_dims, block_rows, seed)
-    if not usable.all():
-        log.warning("%d cells have all-zero embeddings: no direction for the cosine metric, so they get no "
-                    "edges and keep their initial labels", int((~usable).sum()))
-    usable_rows = np.flatnonzero(usable)
-    kept_points = points if usable.all() else points[usable_rows]
     others = k - 1
+    method, pca_dims, kept_points, kept_rows, checked = _search_space(embeddings, metric, method, pca_dims, others,
+                                                                      seed, block_rows)
     neighbours_local = knn_indices(kept_points, others, method, block_rows, seed)
     recall = sampled_recall(kept_points, neighbours_local, seed) if method == "ivf" else 1.0
-    if method == "ivf":
-        log.info("approximate kNN recall on %d sampled cells: %.4f", min(RECALL_SAMPLE, len(kept_points)), recall)
-    del kept_points, points
+    full_recall = recall if checked is None else search_space.recall_of(neighbours_local[checked[0]], checked[1],
+                                                                       checked[0], others)
+    log.info("kNN recall on %d sampled cells: %.4f against exact search in the searched space, %.4f against "
+             "exact search in all %d dims", min(RECALL_SAMPLE, len(kept_rows)), recall, full_recall, n_dims)
+    del kept_points
     neighbours = np.full((n_rows, others), -1, dtype=np.int32)
-    neighbours[usable_rows] = np.where(neighbours_local >= 0, usable_rows[neighbours_local], -1)
+    neighbours[kept_rows] = np.where(neighbours_local >= 0, kept_rows[neighbours_local], -1)
     del neighbours_local
     adjacency = adjacency_from_neighbours(neighbours)
-    short = int((np.diff(adjacency.indptr)[usable_rows] < others).sum())
+    short = int((np.diff(adjacency.indptr)[kept_rows] < others).sum())
     if short:
         log.warning("%d cells have fewer than k - 1 = %d neighbours (approximate search)", short, others)
     log.info("kNN graph: %d cells, k = %d (self included), %d edges, %.1f s", n_rows, k, adjacency.nnz // 2,
              time.perf_counter() - started)
     if info is not None:
-        info.update(method=method, pca_dims=pca_dims, recall=recall)
+        info.update(method=method, pca_dims=pca_dims, recall=recall, full_recall=full_recall)
     return adjacency
 
 

@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", choices=graph.METRICS, default="l2",
                         help="kNN distance: l2 on the raw embeddings as the reference, or cosine (default: %(default)s)")
     parser.add_argument("--pca-dims", type=int, default=None,
-                        help=f"PCA dims before the kNN search (0 = off; default: off for the exact search, "
-                             f"{graph.APPROXIMATE_PCA_DIMS} for the approximate one)")
+                        help="PCA dims before the kNN search (0 = off; default: off for the exact search; for the "
+                             "approximate one the narrowest of 128/256/512 that keeps 95%% of the exact neighbours "
+                             "of a sample of cells)")
     parser.add_argument("--knn-method", choices=graph.KNN_METHODS, default="auto",
                         help=f"exact (faiss flat), ivf (faiss inverted lists, approximate, recall logged) or auto: "
                              f"exact up to {graph.EXACT_MAX_CELLS} cells (default: %(default)s)")
@@ -290,7 +291,8 @@ def denoise_fold(args: argparse.Namespace) -> dict:
     out_path = layout.denoised_h5(args.fold)
     attributes = {"fold": args.fold, "k": args.n_neighbors, "m": args.n_eigenvectors, "lambda": args.lam,
                   "gamma": args.gamma, "metric": args.metric, "pca_dims": search.get("pca_dims", -1),
-                  "knn_method": search.get("method", "loaded"), "knn_recall": search.get("recall", -1.0),
+                  "knn_method": search.get("method", "loaded"), "knn_recall": search.get("full_recall", -1.0),
+                  "knn_recall_searched_space": search.get("recall", -1.0),
                   "iterations": result.n_iter, "converged": result.converged, "objective": value,
                   "isolated_cells": int(isolated.sum()), "seed": args.seed}
     write_denoised(out_path, cells, initial, result.labels, eigenvalues, attributes)
