@@ -363,17 +363,19 @@ def test_select_candidates_bad_input(tmp_path):
     assert isinstance(parse(["--class", "0"]), argparse.Namespace)
 
 
-def test_quartile_rule_by_hand():
-    # confident positives (Y_init >= 0.6): Y_opt 0.6, 0.7, 0.8, 0.9 -> lower quartile 0.675
-    # low cells (Y_init < 0.4): Y_opt 0.0, 0.1, 0.1, 0.2, 0.5, 0.65 -> upper quartile 0.2 + 0.75 * 0.3 = 0.425
-    # threshold (0.675 + 0.425) / 2 = 0.55: of the low cells only the one at 0.65 is selected
-    initial = np.array([0.9, 0.8, 0.7, 0.6, 0.1, 0.2, 0.3, 0.1, 0.0, 0.35, 0.5])
-    denoised = np.array([0.6, 0.7, 0.8, 0.9, 0.0, 0.1, 0.1, 0.2, 0.5, 0.65, 0.95])
-    threshold = select_candidates.selection_threshold(initial, denoised)
-    assert threshold == pytest.approx(0.55)
-    assert np.flatnonzero(select_candidates.select_cells(initial, denoised)).tolist() == [9]
-    # the rule is scale-free: multiplying Y_opt by 3 (a hub-inflated scale) selects the same cells
-    assert np.flatnonzero(select_candidates.select_cells(initial, 3 * denoised)).tolist() == [9]
-    # overlapping groups or no confident positive: nothing
-    assert not select_candidates.select_cells(initial, np.full(11, 0.3)).any()
-    assert not select_candidates.select_cells(np.full(11, 0.2), denoised).any()
+def test_outlier_rule_by_hand():
+    # low cells (Y_init < 0.4): Y_opt 0.10 0.11 0.12 0.13 0.14 0.15 0.60 -> median 0.13; absolute
+    # deviations 0 .01 .01 .02 .02 .03 .47 -> MAD 0.02; threshold 0.13 + 4 * 1.4826 * 0.02 = 0.24861
+    initial = np.array([0.9, 0.8, 0.1, 0.2, 0.3, 0.1, 0.0, 0.35, 0.05])
+    denoised = np.array([0.2, 0.9, 0.10, 0.12, 0.14, 0.11, 0.13, 0.15, 0.60])
+    assert select_candidates.selection_threshold(initial, denoised) == pytest.approx(0.13 + 4 * 1.4826 * 0.02)
+    assert np.flatnonzero(select_candidates.select_cells(initial, denoised)).tolist() == [8]
+    # scale- and shift-free: a hub-inflated scale or an offset selects the same cells
+    assert np.flatnonzero(select_candidates.select_cells(initial, 3 * denoised + 0.5)).tolist() == [8]
+    # ties make the MAD 0: the mean absolute deviation stands in (0.8 / 7 * 1.2533)
+    tied = np.array([0.2, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9])
+    assert select_candidates.selection_threshold(initial, tied) == pytest.approx(0.1 + 4 * 1.2533 * 0.8 / 7)
+    assert np.flatnonzero(select_candidates.select_cells(initial, tied)).tolist() == [8]
+    # all low cells equal, or no confident positive: nothing
+    assert not select_candidates.select_cells(initial, np.full(9, 0.3)).any()
+    assert not select_candidates.select_cells(np.full(9, 0.2), denoised).any()

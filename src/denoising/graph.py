@@ -298,7 +298,7 @@ def _search_space(embeddings, metric: str, method: str, pca_dims: int, k: int, s
     del points
     if not widths:
         return method, 0, kept, kept_rows, None
-    sample = np.sort(np.random.default_rng(seed + 2).permutation(len(kept_rows))[:RECALL_SAMPLE])
+    sample = np.sort(np.random.default_rng(seed + 3).permutation(len(kept_rows))[:search_space.SAMPLE_CELLS])
     exact = search_space.exact_sample_neighbours(embeddings, kept_rows, sample, k,
                                                  lambda rows, a, b: _float_block(rows, a, b, metric)[0], block_rows)
     agreement = search_space.agreement_by_width(kept, sample, exact, k, widths)
@@ -356,8 +356,9 @@ def knn_graph(embeddings, k: int = 200, metric: str = "l2", pca_dims: int | None
     recall = sampled_recall(kept_points, neighbours_local, seed) if method == "ivf" else 1.0
     full_recall = recall if checked is None else search_space.recall_of(neighbours_local[checked[0]], checked[1],
                                                                        checked[0], others)
-    log.info("kNN recall on %d sampled cells: %.4f against exact search in the searched space, %.4f against "
-             "exact search in all %d dims", min(RECALL_SAMPLE, len(kept_rows)), recall, full_recall, n_dims)
+    log.info("kNN recall: %.4f against exact search in the searched space (%d sampled cells), %.4f against exact "
+             "search in all %d dims (%d other sampled cells)", recall, min(RECALL_SAMPLE, len(kept_rows)), full_recall,
+             n_dims, 0 if checked is None else len(checked[0]))
     del kept_points
     neighbours = np.full((n_rows, others), -1, dtype=np.int32)
     neighbours[kept_rows] = np.where(neighbours_local >= 0, kept_rows[neighbours_local], -1)
