@@ -298,7 +298,7 @@ def main() -> None:
               f"with seed {args.seed + 1000}; exact search, defaults): recall/precision in %")
         for row in run_child(["sets", str(args.selection_sets)], args)["sets"]:
             settings = ", ".join(f"{key} {row[key]}" for key in ("n_cells", "n_dims", "n_clusters", "center_scale",
-                                                                  "latent_scale", "lowered_fraction", "seed"))
+                                                                  "latent_scale", "lowered_fraction", "seed", "embedding_style"))
             print(f"  {settings}: outliers {percent_pair(row['outliers'])}, reference {percent_pair(row['reference'])}")
     print(f"load average at end {load_average()}")
 
