@@ -14,6 +14,7 @@ from src.data.labels import parse_label_string
 from src.data.schema import DENOISING_FOLDS_COLUMNS, OutputLayout, obvious_staining_csv, obvious_staining_images_csv
 from src.preprocessing import create_denoising_folds, detect_negatives_with_obvious_staining as staining
 from src.preprocessing import generate_cell_bboxes, segmentation_report
+from src import segmentation
 from src.segmentation import make_segmenter
 
 
@@ -84,7 +85,11 @@ def test_obvious_staining_cli(small_synthetic, segmented, tmp_path, monkeypatch)
     # without records the same segmenter gives the same cells, and the result is deterministic; the
     # segmenter checked at start-up is the one used (a model backend is not loaded twice)
     built = []
-    monkeypatch.setattr(staining, "make_segmenter", lambda **config: built.append(config) or make_segmenter(**config))
+    def counting(backend="classical", **config):
+        built.append(config)
+        return make_segmenter(backend, **config)
+    monkeypatch.setattr(staining, "make_segmenter", counting)  # a worker's own build
+    monkeypatch.setattr(segmentation, "make_segmenter", counting)  # the start-up check's
     assert staining.main(["--dataset", str(dataset), "--output-dir", str(tmp_path / "none"), "--threshold", "100"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(obvious_staining_csv(dataset), dtype={"ID": str}), cells)
     assert len(built) == 1

@@ -34,7 +34,7 @@ from src.data.images import ImageReadError, channel_path, read_channel, read_fie
 from src.data.labels import parse_label_string, read_label_table
 from src.data.schema import (OBVIOUS_STAINING_COLUMNS, OBVIOUS_STAINING_IMAGE_COLUMNS, DatasetLayout, OutputLayout,
                              obvious_staining_csv, obvious_staining_images_csv)
-from src.segmentation import BACKENDS, make_segmenter
+from src.segmentation import BACKENDS, checked_segmenter, make_segmenter
 from src.utils.io import UserInputError, run_cli, setup_logging, write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -134,10 +134,7 @@ def main(argv=None) -> int:
                   image_dir=str(layout.image_dir(source)), top_k=args.top_k,
                   segmenter_config=dict(backend=args.backend, work_size=args.work_size,
                                         nuclei_model=args.nuclei_model, cell_model=args.cell_model))
-    try:
-        segmenter = make_segmenter(**config["segmenter_config"])  # a missing or wrong model file stops the run here
-    except (RuntimeError, ValueError) as error:
-        raise UserInputError(str(error)) from None
+    segmenter = checked_segmenter(**config["segmenter_config"])
     cell_rows, image_rows, failures = [], [], []
     if args.workers > 1:
         # hpacellseg has just run here (on CUDA by default), which a forked child could not use

@@ -37,7 +37,7 @@ from src.data.bbox_records import (CELL_TABLE_NAME, FAILED_TABLE_NAME, RECORD_SU
 from src.data.images import ImageReadError, read_field
 from src.data.labels import source_image_ids
 from src.data.schema import DatasetLayout, OutputLayout
-from src.segmentation import BACKENDS, make_segmenter
+from src.segmentation import BACKENDS, checked_segmenter, make_segmenter
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -245,11 +245,7 @@ def main(argv=None) -> int:
                   cell_model=args.cell_model, device=args.device, use_green=args.use_green)
     if args.backend == "hpacellseg":
         config.update(batch_size=args.batch_size, amp=args.amp, allow_pickled_model=args.allow_pickled_model)
-    try:
-        # fail fast on a missing or wrong model file (loaded and run once), before any field
-        segmenter = make_segmenter(**config)
-    except (RuntimeError, ValueError) as error:
-        raise UserInputError(str(error)) from None
+    segmenter = checked_segmenter(**config)
     out_dir = records_dir(OutputLayout(args.output_dir).bboxes_dir, source)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _OutputLock(out_dir):

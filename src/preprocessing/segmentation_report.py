@@ -29,7 +29,7 @@ from src.data.bbox_records import RecordError, read_record, record_path
 from src.data.images import ImageReadError, read_field
 from src.data.schema import DatasetLayout, OutputLayout
 from src.data.labels import source_image_ids
-from src.segmentation import BACKENDS, make_segmenter
+from src.segmentation import BACKENDS, checked_segmenter
 from src.segmentation.matching import match_masks
 from src.segmentation.overlay import overlay
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging, write_csv_atomic
@@ -124,11 +124,8 @@ def main(argv=None) -> int:
         raise UserInputError(f"reference mask folder {reference_dir} not found")
     ids = args.ids or source_image_ids(layout, args.source)
     ids = ids[:args.limit]
-    try:
-        segmenter = None if args.from_records else make_segmenter(
-            args.backend, work_size=args.work_size, nuclei_model=args.nuclei_model, cell_model=args.cell_model)
-    except (RuntimeError, ValueError) as error:  # a missing or wrong model file
-        raise UserInputError(str(error)) from None
+    segmenter = None if args.from_records else checked_segmenter(
+        args.backend, work_size=args.work_size, nuclei_model=args.nuclei_model, cell_model=args.cell_model)
     out_dir = OutputLayout(args.output_dir).root / "segmentation_report" / args.source
     rows, failures = [], 0
     for image_id in ids:

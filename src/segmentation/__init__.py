@@ -63,3 +63,14 @@ def make_segmenter(backend: str = "classical", *, work_size: int = 512, nuclei_m
                                    device=device, batch_size=batch_size, amp=amp,
                                    allow_pickled_model=allow_pickled_model)
     raise ValueError(f"unknown segmentation backend {backend!r}; choose one of {BACKENDS}")
+
+
+def checked_segmenter(backend: str = "classical", **settings) -> Segmenter:
+    """make_segmenter for a CLI: a missing or wrong model file (found by loading and running it once)
+    becomes a UserInputError, i.e. one error line before any field is processed."""
+    from src.utils.io import UserInputError
+
+    try:
+        return make_segmenter(backend, **settings)
+    except (RuntimeError, ValueError) as error:
+        raise UserInputError(str(error)) from None
