@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
+from src.train import train_bestfitting, trainer
+from src.train.models import read_checkpoint
 from src.train.train_bestfitting import INTERRUPTED_EXIT_CODE, main
 from tests.test_train_helpers import make_tiny_dataset
 
@@ -48,7 +50,7 @@ def test_outputs_and_metrics(dataset: Path, tmp_path: Path) -> None:
     ("1", "3", "8"),   # killed after step 8 with the last save at step 6: steps 7-8 are redone
 ])
 def test_resume_after_kill_equals_uninterrupted(dataset: Path, tmp_path: Path, accumulation: str, every: str,
-                                                stop: str) -> None:
+                                                stop: str, monkeypatch) -> None:
     common = ("--gradient-accumulation-steps", accumulation, "--dropout", "0.5")  # dropout: RNG must be restored
     assert main(_argv(dataset, tmp_path, "straight", *common)) == 0
     interrupted = _argv(dataset, tmp_path, "killed", *common, "--checkpoint-every-steps", every)
@@ -56,7 +58,15 @@ def test_resume_after_kill_equals_uninterrupted(dataset: Path, tmp_path: Path, a
     killed_dir = tmp_path / "models" / "killed" / "fold0"
     saved = torch.load(killed_dir / "last.pth", map_location="cpu", weights_only=True)["trainer_state"]
     assert saved["step"] < 4 * 3 // int(accumulation) and saved["micro_batch"] > 0  # a mid-epoch state
+    reads = []
+
+    def counting_read(path, *rest, **options):
+        reads.append(Path(path).name)
+        return read_checkpoint(path, *rest, **options)
+    monkeypatch.setattr(train_bestfitting, "read_checkpoint", counting_read)
+    monkeypatch.setattr(trainer, "read_checkpoint", counting_read)
     assert main(interrupted + ["--resume"]) == 0
+    assert reads.count("last.pth") == 1  # the settings and the state come from one read
     straight = _model_state(tmp_path / "models" / "straight" / "fold0" / "final.pth")
     resumed = _model_state(killed_dir / "final.pth")
     for key, value in straight.items():

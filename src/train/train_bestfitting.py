@@ -224,13 +224,16 @@ def resume_source(args: argparse.Namespace) -> Path | None:
     return path
 
 
+_read_once: dict[str, dict] = {}  # the resumed last.pth, read by prepare_run and used again by run_training
+
+
 def prepare_run(args: argparse.Namespace, device: torch.device) -> None:
     """Resume bookkeeping (run-defining settings come from the resumed state) and seeds; shared with
     train_cellwise. Sets `args.resume_from` (str or None)."""
     source = resume_source(args)
     args.resume_from = str(source) if source else None
     if source:
-        checkpoint = read_checkpoint(source)
+        checkpoint = _read_once[str(source)] = read_checkpoint(source)
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != TRAIN_CHECKPOINT_FORMAT:
             raise UserInputError(f"--resume {source}: not a training state (last.pth); to start from a model's "
                                  "weights use --load-state-dict-path")
@@ -294,7 +297,8 @@ def run_training(args: argparse.Namespace, device: torch.device, dist_info, trai
         metadata={"args": vars(args), "model_config": model_config, "world_size": world})
     state = None
     if resuming:
-        state = load_training_checkpoint(Path(args.resume_from), model, optimizer, scaler)
+        state = load_training_checkpoint(Path(args.resume_from), model, optimizer, scaler,
+                                         checkpoint=_read_once.pop(args.resume_from, None))
         log.info("resumed from %s: epoch %d, micro-batch %d, step %d", args.resume_from, state.epoch,
                  state.micro_batch, state.step)
     else:

@@ -251,9 +251,10 @@ def save_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.opti
 
 
 def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             scaler: torch.amp.GradScaler | None = None) -> TrainState:
-    """Restore model, optimizer, scaler and this rank's RNG from `last.pth`; returns the trainer state."""
-    checkpoint = read_checkpoint(path)
+                             scaler: torch.amp.GradScaler | None = None, checkpoint: dict | None = None) -> TrainState:
+    """Restore model, optimizer, scaler and this rank's RNG from `last.pth` (or from `checkpoint`, that
+    file already read); returns the trainer state."""
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != TRAIN_CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a training-state checkpoint")
     unwrap(model).load_state_dict(checkpoint["model"])
