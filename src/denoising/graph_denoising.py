@@ -28,7 +28,7 @@ import pandas as pd
 
 from src.data.classes import CLASS_NAMES, NUM_CLASSES, class_index, class_slug
 from src.data.schema import DENOISING_FOLDS_COLUMNS, SELECTION_COLUMNS, OutputLayout
-from src.denoising import graph, plots, solver, spectrum
+from src.denoising import graph, graph_files, plots, solver, spectrum
 from src.utils.io import UserInputError, atomic_path, readable_h5, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
@@ -257,15 +257,15 @@ def denoise_fold(args: argparse.Namespace) -> dict:
         search: dict = {}
         settings = (f"k={args.n_neighbors};metric={args.metric};pca={args.pca_dims};knn={args.knn_method};"
                     f"seed={args.seed};self-counted")
-        fingerprint = graph.cells_fingerprint(cells.image_ids, cells.cell_indices, settings)
+        fingerprint = graph_files.cells_fingerprint(cells.image_ids, cells.cell_indices, settings)
         if args.precomputed_graph and Path(args.precomputed_graph).is_file():
-            adjacency = graph.load_graph(args.precomputed_graph, fingerprint)
+            adjacency = graph_files.load_graph(args.precomputed_graph, fingerprint)
             log.info("loaded the kNN graph from %s", args.precomputed_graph)
         else:
             adjacency = graph.knn_graph(cells.embeddings, args.n_neighbors, args.metric, args.pca_dims,
                                         args.knn_method, args.seed, info=search)
             if args.precomputed_graph:
-                graph.save_graph(args.precomputed_graph, adjacency, fingerprint)
+                graph_files.save_graph(args.precomputed_graph, adjacency, fingerprint)
         cells.embeddings = None
     timings["graph"], clock = time.perf_counter() - clock, time.perf_counter()
 
@@ -273,13 +273,13 @@ def denoise_fold(args: argparse.Namespace) -> dict:
     if isolated.any():
         log.warning("%d cells have no graph neighbour: their Y_opt is their Y_init", int(isolated.sum()))
     if args.precomputed_eigenbasis and Path(args.precomputed_eigenbasis).is_file():
-        eigenvalues, vectors = graph.load_eigenbasis(args.precomputed_eigenbasis, fingerprint, args.n_eigenvectors)
+        eigenvalues, vectors = graph_files.load_eigenbasis(args.precomputed_eigenbasis, fingerprint, args.n_eigenvectors)
         log.info("loaded %d eigenpairs from %s", args.n_eigenvectors, args.precomputed_eigenbasis)
     else:
         eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(adjacency, args.n_eigenvectors,
                                                                       args.eigen_tol, args.seed)
         if args.precomputed_eigenbasis:
-            graph.save_eigenbasis(args.precomputed_eigenbasis, eigenvalues, vectors, fingerprint)
+            graph_files.save_eigenbasis(args.precomputed_eigenbasis, eigenvalues, vectors, fingerprint)
     del adjacency
     timings["eigen"], clock = time.perf_counter() - clock, time.perf_counter()
 
