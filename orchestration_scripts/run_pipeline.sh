@@ -26,7 +26,7 @@ CELL_EPOCHS=${CELL_EPOCHS:-5}
 DENOISE_FOLDS=${DENOISE_FOLDS:-3}
 KNN=${KNN:-200}
 EIGEN=${EIGEN:-50}
-SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: select_candidates' default (quartiles) rule
+SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: select_candidates' default (outliers) rule
 FUSION_WEIGHT=${FUSION_WEIGHT:-0}  # image-level weight in the submission (0: off); choose: per class on out-of-fold training images, from the image labels
 IMAGE_RUN=${IMAGE_RUN:-image_level}
 CELL_RUN=${CELL_RUN:-cellwise}
@@ -72,7 +72,7 @@ for fold in $(seq 0 $((DENOISE_FOLDS - 1))); do
   $py -m src.denoising.graph_denoising --fold "$fold" --output-dir "$OUTPUT" --n-neighbors "$KNN" \
     --n-eigenvectors "$EIGEN" --plot-class "Mitotic spindle"
 done
-threshold=()  # the default quartiles rule; SELECT_ABOVE sets an absolute threshold instead
+threshold=()  # the default outliers rule; SELECT_ABOVE sets an absolute threshold instead
 # (the ${a[@]+...} form: bash before 4.4 calls an empty array unbound under set -u)
 [ -n "$SELECT_ABOVE" ] && threshold=(--denoised-above "$SELECT_ABOVE")
 $py -m src.denoising.select_candidates --class "Mitotic spindle" --init-below 0.4 ${threshold[@]+"${threshold[@]}"} \
