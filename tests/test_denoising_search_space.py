@@ -1,11 +1,14 @@
-"""The approximate kNN path: symmetrisation in blocks, the exact sample neighbours, and the PCA width chosen
+"""The approximate kNN path and memory-lean steps at scale: symmetrisation in blocks, connected components without a copy, the exact sample neighbours, and the PCA width chosen
 from the data (kept when the principal components carry the neighbourhoods, refused when they do not)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from src.denoising import graph, search_space
+import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
+
+from src.denoising import graph, search_space, spectrum
 from src.denoising.synthetic import make_clustered_cells
 
 
@@ -89,3 +92,45 @@ def test_embedding_styles_keep_cluster_labels(style):
     assert (cells.positive[:, None, :] == cells.positive[None, :, :]).all(axis=2)[same_cluster].all()
     with pytest.raises(ValueError, match="embedding_style"):
         make_clustered_cells(10, n_dims=4, n_clusters=2, embedding_style="other")
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = np.unique(np.stack([a, b], axis=1), axis=0)
+    return len(pairs) == len(np.unique(a)) == len(np.unique(b))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_component_labels_equal_scipys_components(seed):
+    rng = np.random.default_rng(seed)
+    n_nodes = 600
+    # sparse random edges (many components, isolated nodes) plus a long path (many hops to propagate)
+    rows = np.concatenate([rng.integers(0, n_nodes, 350), np.arange(100, 299)])
+    cols = np.concatenate([rng.integers(0, n_nodes, 350), np.arange(101, 300)])
+    directed = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_nodes, n_nodes))
+    adjacency = directed.maximum(directed.T).tocsr()
+    adjacency.setdiag(0)
+    adjacency.eliminate_zeros()
+    count, expected = connected_components(adjacency, directed=False)
+    for block_rows in (7, 1000):
+        labels = spectrum.component_labels(adjacency, block_rows=block_rows)
+        assert same_partition(labels, expected) and len(np.unique(labels)) == count
+        assert (labels <= np.arange(n_nodes)).all()
+
+
+def test_normalisation_in_blocks_and_in_place_equals_the_dense_formula():
+    rng = np.random.default_rng(5)
+    dense = np.triu(rng.random((70, 70)) < 0.1, 1) * rng.uniform(0.5, 2.0, (70, 70))
+    dense = (dense + dense.T).astype(np.float32)
+    dense[3] = dense[:, 3] = 0  # an isolated node keeps a zero row
+    degrees = dense.sum(axis=1)
+    inv_sqrt = np.where(degrees > 0, 1 / np.sqrt(np.where(degrees > 0, degrees, 1)), 0)
+    expected = inv_sqrt[:, None] * dense * inv_sqrt[None, :]
+    adjacency = sp.csr_matrix(dense)
+    kept = adjacency.data.copy()
+    normalized, found_degrees = spectrum.normalized_adjacency(adjacency, block_rows=9)
+    np.testing.assert_allclose(normalized.toarray(), expected, rtol=1e-6)
+    np.testing.assert_allclose(found_degrees, degrees, rtol=1e-6)
+    np.testing.assert_array_equal(adjacency.data, kept)  # untouched without overwrite
+    overwritten, _ = spectrum.normalized_adjacency(adjacency, block_rows=9, overwrite=True)
+    np.testing.assert_allclose(overwritten.toarray(), expected, rtol=1e-6)
+    assert overwritten.data is adjacency.data or np.shares_memory(overwritten.data, adjacency.data)

@@ -277,7 +277,8 @@ def denoise_fold(args: argparse.Namespace) -> dict:
         log.info("loaded %d eigenpairs from %s", args.n_eigenvectors, args.precomputed_eigenbasis)
     else:
         eigenvalues, vectors = spectrum.smallest_laplacian_eigenpairs(adjacency, args.n_eigenvectors,
-                                                                      args.eigen_tol, args.seed)
+                                                                      args.eigen_tol, args.seed,
+                                                                      overwrite_adjacency=True)
         if args.precomputed_eigenbasis:
             graph_files.save_eigenbasis(args.precomputed_eigenbasis, eigenvalues, vectors, fingerprint)
     del adjacency

@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from src.utils.io import UserInputError
@@ -41,18 +40,73 @@ class EigenCheckError(RuntimeError):
     """The eigensolver's pairs did not pass the residual or orthonormality check."""
 
 
-def normalized_adjacency(adjacency: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
-    """S = D^-1/2 W D^-1/2 (float32 CSR) and the degrees; isolated nodes get zero rows (no 1/0)."""
-    adjacency = sp.csr_matrix(adjacency, dtype=np.float32)
-    degrees = np.asarray(adjacency.sum(axis=1, dtype=np.float64)).ravel()
+def weighted_degrees(adjacency: sp.csr_matrix, block_rows: int = 65536) -> np.ndarray:
+    """(N,) float64 row sums, a block of rows at a time (a whole-matrix float64 sum copies the graph)."""
+    return np.concatenate([np.asarray(adjacency[start:start + block_rows].sum(axis=1, dtype=np.float64)).ravel()
+                           for start in range(0, adjacency.shape[0], block_rows)] or [np.zeros(0)])
+
+
+def normalized_adjacency(adjacency: sp.csr_matrix, block_rows: int = 65536,
+                         overwrite: bool = False) -> tuple[sp.csr_matrix, np.ndarray]:
+    """S = D^-1/2 W D^-1/2 (float32 CSR) and the degrees; isolated nodes get zero rows (no 1/0).
+
+    S shares its index arrays with `adjacency`, and its values are formed block_rows rows at a time:
+    at 1M cells x ~280 entries per row each whole-matrix temporary would take over 1 GB. With
+    `overwrite` (and float32 values) S's values are written over the adjacency's.
+    """
+    adjacency = sp.csr_matrix(adjacency)
+    degrees = weighted_degrees(adjacency)
     inv_sqrt = np.zeros(len(degrees), dtype=np.float32)
     inv_sqrt[degrees > 0] = 1.0 / np.sqrt(degrees[degrees > 0])
-    # float32 row factors, and the index arrays shared with `adjacency`: at 1M cells x 200 neighbours
-    # an int64 row index per edge alone would take 2.4 GB
-    data = adjacency.data * np.repeat(inv_sqrt, np.diff(adjacency.indptr)) * inv_sqrt[adjacency.indices]
-    scaled = sp.csr_matrix((data.astype(np.float32, copy=False), adjacency.indices, adjacency.indptr),
-                           shape=adjacency.shape)
+    row_sizes = np.diff(adjacency.indptr)
+    in_place = overwrite and adjacency.data.dtype == np.float32
+    data = adjacency.data if in_place else np.empty(adjacency.nnz, dtype=np.float32)
+    for start in range(0, adjacency.shape[0], block_rows):
+        stop = min(start + block_rows, adjacency.shape[0])
+        first, last = adjacency.indptr[start], adjacency.indptr[stop]
+        scale = np.repeat(inv_sqrt[start:stop], row_sizes[start:stop])
+        scale *= inv_sqrt[adjacency.indices[first:last]]
+        if in_place:
+            data[first:last] *= scale
+        else:
+            data[first:last] = scale * adjacency.data[first:last]
+    scaled = sp.csr_matrix((data, adjacency.indices, adjacency.indptr), shape=adjacency.shape)
     return scaled, degrees
+
+
+def component_labels(adjacency: sp.csr_matrix, block_rows: int = 65536) -> np.ndarray:
+    """(N,) int64: one node id per connected component of a symmetric graph, the same for all its nodes.
+
+    Min-label propagation with hooking and pointer jumping, a block of rows at a time: no copy of the
+    graph is made (scipy's connected_components works on a float64 copy, 12 bytes per stored entry,
+    the peak of the whole stage at 1M cells). Labels only decrease and always name a node of the
+    same component; when a pass changes nothing, every edge joins equal labels.
+    """
+    n_nodes = adjacency.shape[0]
+    indptr, indices = adjacency.indptr, adjacency.indices
+    labels = np.arange(n_nodes, dtype=np.int64)
+    changed = True
+    while changed:
+        changed = False
+        for start in range(0, n_nodes, block_rows):
+            stop = min(start + block_rows, n_nodes)
+            first, last = indptr[start], indptr[stop]
+            if first == last:
+                continue
+            rows = np.arange(start, stop)[np.diff(indptr[start:stop + 1]) > 0]
+            lowest = np.minimum.reduceat(labels[indices[first:last]], indptr[rows] - first)
+            current = labels[rows]
+            better = lowest < current
+            if better.any():
+                changed = True
+                np.minimum.at(labels, current[better], lowest[better])  # hook the old root too
+                np.minimum.at(labels, rows[better], lowest[better])
+        while True:  # pointer jumping: every node points at its root
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
+    return labels
 
 
 def component_null_vectors(adjacency: sp.csr_matrix, degrees: np.ndarray,
@@ -63,11 +117,11 @@ def component_null_vectors(adjacency: sp.csr_matrix, degrees: np.ndarray,
     These span the null space of L exactly; components come largest first, and only the `limit`
     largest get a column (a graph of many small components would otherwise need a dense N x C array).
     """
-    _, component = connected_components(adjacency, directed=False)
+    component = component_labels(adjacency)
     has_edges = degrees > 0
     labels, sizes = np.unique(component[has_edges], return_counts=True)
     labels = labels[np.argsort(-sizes, kind="stable")][:limit]
-    column_of = np.full(component.max() + 1, -1)
+    column_of = np.full(len(component), -1)
     column_of[labels] = np.arange(len(labels))
     vectors = np.zeros((len(degrees), len(labels)))
     rows = np.flatnonzero(has_edges)
@@ -77,13 +131,18 @@ def component_null_vectors(adjacency: sp.csr_matrix, degrees: np.ndarray,
 
 
 def check_eigenpairs(normalized: sp.csr_matrix, eigenvalues: np.ndarray, vectors: np.ndarray,
-                     isolated: np.ndarray) -> tuple[float, float]:
-    """(largest residual ||L v - e v||, largest |V^T V - I|) of the pairs, L = I - S off isolated rows."""
-    vectors = np.asarray(vectors, dtype=np.float64)
-    applied = vectors - normalized @ vectors
-    applied[isolated] = vectors[isolated]  # L_ii = 1 on an isolated node, as its zero row of S gives
-    residual = float(np.linalg.norm(applied - vectors * eigenvalues[None, :], axis=0).max())
-    gram = vectors.T @ vectors
+                     isolated: np.ndarray, block_columns: int = 8) -> tuple[float, float]:
+    """(largest residual ||L v - e v||, largest |V^T V - I|) of the pairs, L = I - S off isolated rows;
+    a few columns at a time, so the float64 temporaries stay small at 1M cells."""
+    residual = 0.0
+    for start in range(0, vectors.shape[1], block_columns):
+        block = np.asarray(vectors[:, start:start + block_columns], dtype=np.float64)
+        applied = block - normalized @ block
+        applied[isolated] = block[isolated]  # L_ii = 1 on an isolated node, as its zero row of S gives
+        applied -= block * eigenvalues[None, start:start + block_columns]
+        residual = max(residual, float(np.linalg.norm(applied, axis=0).max()))
+    gram = vectors.T.astype(np.float64) @ vectors.astype(np.float64) if vectors.dtype != np.float64 \
+        else vectors.T @ vectors
     return residual, float(np.abs(gram - np.eye(len(gram))).max())
 
 
@@ -128,13 +187,15 @@ def _rest_eigenpairs(normalized: sp.csr_matrix, null_vectors: np.ndarray, count:
     return 1.0 - mu[order], vectors[:, order]
 
 
-def smallest_laplacian_eigenpairs(adjacency: sp.csr_matrix, m: int = 50, tol: float = 1e-6,
-                                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def smallest_laplacian_eigenpairs(adjacency: sp.csr_matrix, m: int = 50, tol: float = 1e-6, seed: int = 0,
+                                  overwrite_adjacency: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The m smallest eigenpairs of L = I - D^-1/2 W D^-1/2, every one checked.
 
     Returns:
         eigenvalues (m,) float32 ascending in [0, 2] (exactly 0 once per connected component with
         edges), V (N, m) float32 with orthonormal columns.
+    overwrite_adjacency: the adjacency's float32 values may be overwritten (saves 4 bytes per stored
+        entry; the stage passes True once the graph is no longer needed).
     Raises:
         UserInputError when m is not in (0, N); EigenCheckError when a pair fails its residual or
         orthonormality check after one refinement.
@@ -143,9 +204,10 @@ def smallest_laplacian_eigenpairs(adjacency: sp.csr_matrix, m: int = 50, tol: fl
     if not 0 < m < n_nodes:
         raise UserInputError(f"{m} eigenvectors wanted from a graph of {n_nodes} cells; need 0 < m < N")
     started = time.perf_counter()
-    normalized, degrees = normalized_adjacency(adjacency)
-    isolated = degrees == 0
+    degrees = weighted_degrees(adjacency)
     null_vectors, n_components = component_null_vectors(adjacency, degrees, limit=m)
+    normalized, degrees = normalized_adjacency(adjacency, overwrite=overwrite_adjacency)
+    isolated = degrees == 0
     if n_components >= m:
         log.warning("the graph has %d connected components, at least m = %d: the eigenbasis holds only "
                     "component indicators (denoising then averages within each component)", n_components, m)
