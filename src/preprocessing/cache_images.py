@@ -66,7 +66,8 @@ def cache_dataset(layout: DatasetLayout, source: str, size: int | str, workers: 
             damaged.append(f"{path}: {problem}")
     if damaged:
         log.warning("rebuilding %d damaged cache file(s) (first: %s)", len(damaged), damaged[0])
-    log.info("%s: %d of %d fields to cache at %s px in %s", source, len(tasks), len(ids), size, layout.cache_dir(size))
+    log.info("%s: %d of %d fields to cache at %s in %s", source, len(tasks), len(ids),
+             "their own size" if size == NATIVE else f"{size} px", layout.cache_dir(size))
     failures = []
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Inline() as pool:
         for image_id, error in tqdm(pool.map(_cache_task, tasks, chunksize=4), total=len(tasks), desc="cache"):
