@@ -139,3 +139,43 @@ def test_full_resolution_uses_square_cache_and_never_squeezes(tmp_path):
     np.testing.assert_array_equal(load_full_resolution(layout, "train", "sq", (32, 32)), marker)
     save_npy_atomic(marker, layout.cache_path(24, "wide"))
     assert load_full_resolution(layout, "train", "wide", (24, 40)).shape == (24, 40, 4)
+
+
+def test_native_cache_keeps_16_bit_non_square_fields_at_their_own_size(tmp_path, caplog):
+    import argparse
+    import logging
+
+    from src.data.cache import load_full_resolution
+    from src.data.schema import NATIVE
+    from src.preprocessing.cache_images import cache_size
+
+    rng = np.random.default_rng(9)
+    layout = DatasetLayout(tmp_path)
+    (tmp_path / "train.csv").write_text("ID,Label\nwide,1\ntall,2\n")
+    planes = {"wide": random_planes(rng, (24, 40), np.uint16), "tall": random_planes(rng, (40, 24), np.uint16)}
+    for image_id, field_planes in planes.items():
+        write_field(layout.image_dir("train"), image_id, field_planes)
+    assert cache_dataset(layout, "train", size=NATIVE) == []
+    for image_id, field_planes in planes.items():
+        # 16-bit v -> round(v / 257), by hand; the field's own shape, no padding
+        expected = np.stack([np.floor(p / 257 + 0.5) for p in field_planes], axis=-1).astype(np.uint8)
+        cached = np.load(layout.cache_path(NATIVE, image_id))
+        assert cached.shape == field_planes[0].shape + (4,)
+        np.testing.assert_array_equal(cached, expected)
+        loaded = load_full_resolution(layout, "train", image_id, field_planes[0].shape, mmap=True)
+        assert isinstance(loaded, np.memmap)  # read from the cache, not decoded
+        np.testing.assert_array_equal(loaded, expected)
+    # a second pass writes nothing
+    before = {p: p.stat().st_mtime_ns for p in layout.cache_dir(NATIVE).glob("*.npy")}
+    assert cache_dataset(layout, "train", size=NATIVE) == [] and before == {
+        p: p.stat().st_mtime_ns for p in layout.cache_dir(NATIVE).glob("*.npy")}
+    # a native file whose shape is not the record's: one warning, the field decoded instead
+    np.save(layout.cache_path(NATIVE, "wide"), np.zeros((40, 24, 4), np.uint8))
+    with caplog.at_level(logging.WARNING):
+        loaded = load_full_resolution(layout, "train", "wide", (24, 40), mmap=True)
+    assert not isinstance(loaded, np.memmap) and loaded.shape == (24, 40, 4) and loaded.any()
+    assert any("holds a 40x24 field, not 24x40" in r.getMessage() for r in caplog.records)
+    assert cache_size("native") == NATIVE and cache_size("64") == 64
+    for bad in ("0", "-3", "big", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cache_size(bad)

@@ -10,6 +10,7 @@ A dataset folder (default `input/synthetic`) holds what users have plus what ear
     duplicates.csv               ID_a,ID_b,transform,dist_red,dist_green,dist_blue
     cache_{size}/{ID}.npy        (size, size, C) uint8     decoded-image cache, C channels in RGBY order
                                                            (non-square: aspect kept, zero-padded)
+    cache_native/{ID}.npy        (H, W, C) uint8           the same at each field's own size (cell crops)
     truth/                       synthetic data only: cell-level truth
         masks/{ID}.png           uint16 cell label mask (0 = background, cells 1..n)
         cell_labels.csv          ID,split,cell_id,labels
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from src.data.classes import class_slug
 
+NATIVE = "native"  # the cache 'size' of fields kept at their own height and width
 FOLDS_COLUMNS = ("ID", "source", "fold")
 DUPLICATES_COLUMNS = ("ID_a", "ID_b", "transform", "dist_red", "dist_green", "dist_blue")
 CELL_LABELS_COLUMNS = ("ID", "split", "cell_id", "labels")
@@ -68,10 +70,11 @@ class DatasetLayout:
     def duplicates_csv(self) -> Path:
         return self.root / "duplicates.csv"
 
-    def cache_dir(self, size: int) -> Path:
+    def cache_dir(self, size: int | str) -> Path:
+        """`cache_{size}` for a square side, `cache_native` for size NATIVE."""
         return self.root / f"cache_{size}"
 
-    def cache_path(self, size: int, image_id: str) -> Path:
+    def cache_path(self, size: int | str, image_id: str) -> Path:
         return self.cache_dir(size) / f"{image_id}.npy"
 
     @property

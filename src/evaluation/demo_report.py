@@ -121,10 +121,12 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     submission_main(common + ["--run-name", args.image_run, "--input-style", "image-level",
                               "--img-size", str(args.image_size), "--out", str(image_level_csv)])
     fusion_weights = outputs.fusion_weights_csv
-    if fusion_weights.is_file() and not (pd.read_csv(fusion_weights)["weight"] > 0).any():
+    if (fusion_weights.is_file() and not (pd.read_csv(fusion_weights)["weight"] > 0).any()
+            and args.cell_checkpoint == "best.pth"):
         cellwise_csv = outputs.root / "submission.csv"  # fusion off: the pipeline's submission is (d)
     else:
-        submission_main(common + ["--run-name", args.cell_run, "--img-size", str(args.cell_size), "--out", str(cellwise_csv)])
+        submission_main(common + ["--run-name", args.cell_run, "--img-size", str(args.cell_size),
+                                  "--checkpoint", args.cell_checkpoint, "--out", str(cellwise_csv)])
 
     test_truth = load_truth(layout.truth_dir, "test")
     train_truth = load_truth(layout.truth_dir, "train")
@@ -177,6 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--folds", default="0,1,2,3,4")
     parser.add_argument("--image-run", default="image_level")
     parser.add_argument("--cell-run", default="cellwise")
+    parser.add_argument("--cell-checkpoint", default="best.pth",
+                        help="the cell-level models' weights scored as (d): best.pth (selected) or final.pth (last epoch)")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--cell-size", type=int, default=512)
     args = parser.parse_args(argv)

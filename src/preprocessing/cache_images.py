@@ -1,11 +1,13 @@
 """Decode every field once into the `.npy` cache that the data loaders read instead of PNGs.
 
     python -m src.preprocessing.cache_images --dataset input/synthetic --size 1024 [--public-data]
+    python -m src.preprocessing.cache_images --dataset input/synthetic --size native
 
 Resumable: fields already cached are skipped; damaged cache files (empty, truncated, wrong shape) are
 rebuilt, with one warning line. A non-square field keeps its aspect (long side = --size, zero padding
-at the bottom or right). Unreadable fields are logged, listed in `cache_{size}/failed_{source}.csv`,
-and make the exit code 1.
+at the bottom or right); `--size native` keeps every field at its own size (`cache_native/`, the
+full-resolution copy the cell crops read). Unreadable fields are logged, listed in
+`cache_{size}/failed_{source}.csv`, and make the exit code 1.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from tqdm import tqdm
 from src.data.cache import cache_file_problem, cache_one
 from src.data.images import ImageReadError
 from src.data.labels import source_image_ids
-from src.data.schema import DatasetLayout
+from src.data.schema import NATIVE, DatasetLayout
 from src.utils.io import UserInputError, run_cli, setup_logging, write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -34,9 +36,23 @@ def _cache_task(args: tuple) -> tuple[str, str | None]:
         return image_id, str(error)
 
 
-def cache_dataset(layout: DatasetLayout, source: str, size: int, workers: int = 1,
+def cache_size(text: str) -> int | str:
+    """--size: a positive side in px, or 'native'."""
+    if text == NATIVE:
+        return NATIVE
+    try:
+        side = int(text)
+    except ValueError:
+        side = 0
+    if side <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive side in px nor {NATIVE!r}")
+    return side
+
+
+def cache_dataset(layout: DatasetLayout, source: str, size: int | str, workers: int = 1,
                   limit: int | None = None) -> list[tuple[str, str]]:
-    """Cache every field of `source` at `size` px; returns (ID, reason) for fields that failed."""
+    """Cache every field of `source` at `size` px (NATIVE: its own size); returns (ID, reason) for
+    fields that failed."""
     ids = source_image_ids(layout, source)
     ids = ids[:limit] if limit else ids
     image_dir = layout.image_dir(source)
@@ -50,7 +66,8 @@ def cache_dataset(layout: DatasetLayout, source: str, size: int, workers: int = 
             damaged.append(f"{path}: {problem}")
     if damaged:
         log.warning("rebuilding %d damaged cache file(s) (first: %s)", len(damaged), damaged[0])
-    log.info("%s: %d of %d fields to cache at %d px in %s", source, len(tasks), len(ids), size, layout.cache_dir(size))
+    log.info("%s: %d of %d fields to cache at %s in %s", source, len(tasks), len(ids),
+             "their own size" if size == NATIVE else f"{size} px", layout.cache_dir(size))
     failures = []
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Inline() as pool:
         for image_id, error in tqdm(pool.map(_cache_task, tasks, chunksize=4), total=len(tasks), desc="cache"):
@@ -77,7 +94,8 @@ class _Inline:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="input/synthetic", help="dataset folder (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=1024, help="side of the cached square fields in px")
+    parser.add_argument("--size", type=cache_size, default=1024,
+                        help=f"side of the cached square fields in px, or {NATIVE!r}: each field at its own size")
     parser.add_argument("--public-data", action="store_true", help="cache public.csv / public/ instead of train")
     parser.add_argument("--test-data", action="store_true", help="cache test.csv / test/ instead of train")
     parser.add_argument("--workers", type=int, default=1, help="decoding processes")
