@@ -357,8 +357,11 @@ def knn_graph(embeddings, k: int = 200, metric: str = "l2", pca_dims: int | None
              "search in all %d dims (%d other sampled cells)", recall, min(RECALL_SAMPLE, len(kept_rows)), full_recall,
              n_dims, 0 if checked is None else len(checked[0]))
     del kept_points
-    neighbours = np.full((n_rows, others), -1, dtype=np.int32)
-    neighbours[kept_rows] = np.where(neighbours_local >= 0, kept_rows[neighbours_local], -1)
+    if len(kept_rows) == n_rows:  # every row searched: the local indices are the rows (no 1.6 GB remap at 1M)
+        neighbours = neighbours_local
+    else:
+        neighbours = np.full((n_rows, others), -1, dtype=np.int32)
+        neighbours[kept_rows] = np.where(neighbours_local >= 0, kept_rows[neighbours_local], -1)
     del neighbours_local
     adjacency = adjacency_from_neighbours(neighbours)
     short = int((np.diff(adjacency.indptr)[kept_rows] < others).sum())

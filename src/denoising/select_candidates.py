@@ -59,11 +59,11 @@ def selection_threshold(initial: np.ndarray, denoised: np.ndarray, init_below: f
         raise UserInputError(f"unknown selection rule {rule!r}; choose one of {RULES}")
     if denoised_above is not None:
         return denoised_above
-    confident, low = initial >= 1.0 - init_below, initial < init_below
-    if rule == "outliers" and not confident.any():
-        log.warning("no confident positive (Y_init >= %.2f) in this fold: nothing to select", 1 - init_below)
-        return None
     if rule == "outliers":
+        if not (initial >= 1.0 - init_below).any():
+            log.warning("no confident positive (Y_init >= %.2f) in this fold: nothing to select", 1 - init_below)
+            return None
+        low = initial < init_below
         return _outlier_threshold(denoised[low]) if low.any() else None
     peak = float(np.max(denoised)) if len(denoised) else 0.0
     if not peak > 0:

@@ -141,8 +141,8 @@ def check_eigenpairs(normalized: sp.csr_matrix, eigenvalues: np.ndarray, vectors
         applied[isolated] = block[isolated]  # L_ii = 1 on an isolated node, as its zero row of S gives
         applied -= block * eigenvalues[None, start:start + block_columns]
         residual = max(residual, float(np.linalg.norm(applied, axis=0).max()))
-    gram = vectors.T.astype(np.float64) @ vectors.astype(np.float64) if vectors.dtype != np.float64 \
-        else vectors.T @ vectors
+    as_float64 = np.asarray(vectors, dtype=np.float64)
+    gram = as_float64.T @ as_float64
     return residual, float(np.abs(gram - np.eye(len(gram))).max())
 
 
@@ -204,9 +204,8 @@ def smallest_laplacian_eigenpairs(adjacency: sp.csr_matrix, m: int = 50, tol: fl
     if not 0 < m < n_nodes:
         raise UserInputError(f"{m} eigenvectors wanted from a graph of {n_nodes} cells; need 0 < m < N")
     started = time.perf_counter()
-    degrees = weighted_degrees(adjacency)
-    null_vectors, n_components = component_null_vectors(adjacency, degrees, limit=m)
     normalized, degrees = normalized_adjacency(adjacency, overwrite=overwrite_adjacency)
+    null_vectors, n_components = component_null_vectors(normalized, degrees, limit=m)  # S has W's pattern
     isolated = degrees == 0
     if n_components >= m:
         log.warning("the graph has %d connected components, at least m = %d: the eigenbasis holds only "
