@@ -12,9 +12,10 @@ export ACCUM=${ACCUM:-2} CELL_ACCUM=${CELL_ACCUM:-2} SCHEDULER=${SCHEDULER:-Cosi
 export LR_MULT=${LR_MULT:-200} CELL_LR_MULT=${CELL_LR_MULT:-300} IMAGE_EPOCHS=${IMAGE_EPOCHS:-40}
 export CELL_EPOCHS=${CELL_EPOCHS:-30} KNN=${KNN:-30} EIGEN=${EIGEN:-20} SELECT_ABOVE=${SELECT_ABOVE:-}
 export TRAIN_FLAGS=${TRAIN_FLAGS:---init-weights none}
-# 160 training fields make a weak image-level model, so its pseudo-labels alone teach the cell model
+# 160 training fields make a weak image-level model, so its pseudo-labels alone teach the cell models
 # little; the demo blends them half and half with the image labels (0 = the reference's recipe).
-export CELL_FLAGS=${CELL_FLAGS:---image-label-weight 0.5 --select-by loss}
+export IMAGE_LABEL_WEIGHT=${IMAGE_LABEL_WEIGHT:-0.5} CELL_FLAGS=${CELL_FLAGS:---select-by loss}
+export FEATURE_WEIGHT=${FEATURE_WEIGHT:-0.5}  # the cell feature model beside the CNN (chosen on style 1)
 started=$(date +%s)
 .venv/bin/python -m src.data.make_synthetic --out "$DATASET"
 bash orchestration_scripts/run_pipeline.sh
@@ -24,5 +25,6 @@ bash orchestration_scripts/run_pipeline.sh
 DATASET=$DATASET_STYLE2 OUTPUT=$OUTPUT/style2 FULL_CACHE_SIZE=native bash orchestration_scripts/run_pipeline.sh
 .venv/bin/python -m src.evaluation.demo_report --run "style 1" "$DATASET" "$OUTPUT" \
   --run "style 2" "$DATASET_STYLE2" "$OUTPUT/style2" --report-dir "$OUTPUT/demo" --folds "$(seq -s, 0 $((N_FOLDS - 1)))" \
-  --image-run image_level --cell-run cellwise --image-size "$IMAGE_SIZE" --cell-size "$CELL_SIZE"
+  --image-run image_level --cell-run cellwise --image-size "$IMAGE_SIZE" --cell-size "$CELL_SIZE" \
+  --feature-weight "$FEATURE_WEIGHT"
 echo "demo finished in $(( $(date +%s) - started )) s; report: $OUTPUT/demo/report.md"

@@ -27,6 +27,8 @@ DENOISE_FOLDS=${DENOISE_FOLDS:-3}
 KNN=${KNN:-200}
 EIGEN=${EIGEN:-50}
 SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: select_candidates' default (outliers) rule
+IMAGE_LABEL_WEIGHT=${IMAGE_LABEL_WEIGHT:-0}  # cell-level targets: (1 - w) * pseudo-label + w * image label (0: the reference)
+FEATURE_WEIGHT=${FEATURE_WEIGHT:-0.5}  # weight of the cell feature model beside the cell-level CNN (0: no feature model)
 FUSION_WEIGHT=${FUSION_WEIGHT:-0}  # image-level weight in the submission (0: off); choose: per class on out-of-fold training images, from the image labels
 IMAGE_RUN=${IMAGE_RUN:-image_level}
 CELL_RUN=${CELL_RUN:-cellwise}
@@ -84,8 +86,17 @@ for fold in $(seq 0 "$last_fold"); do
     --img_size "$CELL_SIZE" --batch_size "$CELL_BATCH" --workers "$WORKERS" --gradient-accumulation-steps "$CELL_ACCUM" \
     --scheduler "$SCHEDULER" --scheduler-lr-multiplier "$CELL_LR_MULT" --epochs "$CELL_EPOCHS" --out_dir "$CELL_RUN" \
     --load-state-dict-path "$OUTPUT/models/$IMAGE_RUN/fold$fold/final.pth" \
-    --selection "$OUTPUT/mitotic_cells_selection.csv" --resume --log-every 0 $TRAIN_FLAGS $CELL_FLAGS
+    --selection "$OUTPUT/mitotic_cells_selection.csv" --image-label-weight "$IMAGE_LABEL_WEIGHT" --resume --log-every 0 \
+    $TRAIN_FLAGS $CELL_FLAGS
 done
+
+features=()
+if [ "$FEATURE_WEIGHT" != 0 ]; then
+  step "cell feature model"
+  $py -m src.train.train_cell_features --dataset "$DATASET" --output "$OUTPUT" --workers "$WORKERS" --no-progress \
+    --selection "$OUTPUT/mitotic_cells_selection.csv" --image-label-weight "$IMAGE_LABEL_WEIGHT"
+  features=(--feature-model "$OUTPUT/models/cell_features/feature_model.joblib" --feature-weight "$FEATURE_WEIGHT")
+fi
 
 fusion=(--fusion-weight "$FUSION_WEIGHT")
 rm -f "$OUTPUT/fusion_weights.csv"  # a stale file from an earlier choose run would mislabel the report
@@ -99,5 +110,5 @@ fi
 step "submission"
 $py -m src.predict.predict_submission --dataset "$DATASET" --output-dir "$OUTPUT" --run-name "$CELL_RUN" \
   --folds "$folds" --img-size "$CELL_SIZE" --fusion-run "$IMAGE_RUN" --fusion-img-size "$IMAGE_SIZE" \
-  "${fusion[@]}" --out "$OUTPUT/submission.csv"
+  "${fusion[@]}" ${features[@]+"${features[@]}"} --out "$OUTPUT/submission.csv"
 echo "pipeline finished: $OUTPUT/submission.csv"

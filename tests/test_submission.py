@@ -138,3 +138,33 @@ def test_interrupted_run_leaves_the_previous_submission_whole(test_fields, tmp_p
         run(layout, outputs, out, "--negative", "product")
     assert {path.name: path.read_bytes() for path in tmp_path.glob("*.csv")} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(before)  # no temporary files left
+
+
+def test_feature_model_is_averaged_with_the_cell_model(test_fields, tmp_path):
+    from src.data.cache import load_full_resolution
+    from src.features import cell_classifier
+    from src.features.cell_features import N_FEATURES, record_features
+    from src.utils.io import UserInputError
+
+    layout, outputs = test_fields
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, N_FEATURES)).astype(np.float32)
+    targets = np.zeros((60, 19), np.float32)
+    targets[:, 4] = rng.uniform(size=60)
+    model_path = tmp_path / "feature_model.joblib"
+    classifier = cell_classifier.fit_cell_classifier(features, targets, max_iter=5)
+    cell_classifier.save(classifier, model_path)
+    assert run(layout, outputs, tmp_path / "plain.csv") == 0
+    assert run(layout, outputs, tmp_path / "mixed.csv", "--feature-model", str(model_path), "--feature-weight", "0.25") == 0
+    columns = [str(c) for c in range(19)]
+    plain = pd.read_csv(tmp_path / "plain_cells.csv", dtype={"ID": str})
+    mixed = pd.read_csv(tmp_path / "mixed_cells.csv", dtype={"ID": str})
+    for image_id, rows in mixed.groupby("ID"):
+        record = read_record(record_path(outputs.bboxes_dir, "test", image_id))
+        field = load_full_resolution(layout, "test", image_id, record.image_shape)
+        described = cell_classifier.predict_cell_classifier(classifier, record_features(field, record))
+        expected = 0.75 * plain[plain["ID"] == image_id][columns].to_numpy() + 0.25 * described
+        expected[:, 18] = (1 - expected[:, :18]).min(axis=1)
+        assert np.allclose(rows[columns].to_numpy(), expected, atol=2e-6)
+    with pytest.raises(UserInputError, match="feature-weight"):
+        run(layout, outputs, tmp_path / "bad.csv", "--feature-model", str(model_path), "--feature-weight", "2")

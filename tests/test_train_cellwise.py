@@ -99,6 +99,32 @@ def test_train_cellwise_end_to_end(tmp_path, border_down_weight):
         bad = tmp_path / "some_selection.csv"
         bad.write_text("ID,cell_i\n")
         cellwise.main(args[:-5] + ["--selection", str(bad)])
+    if border_down_weight == "0":  # the feature model learns from the same targets and data
+        check_feature_model_stage(layout, outputs, selection)
+
+
+def check_feature_model_stage(layout, outputs, selection):
+    from src.data.cache import load_full_resolution
+    from src.features import cell_classifier
+    from src.features.cell_features import record_features
+    from src.train import train_cell_features
+
+    common = ["--dataset", str(layout.root), "--output", str(outputs.root), "--selection", str(selection),
+              "--image-label-weight", "0.5", "--no-progress", "--max-iter", "5"]
+    assert train_cell_features.main(common + ["--workers", "2"]) == 0
+    classifier = cell_classifier.load(outputs.feature_model_path("cell_features"))
+    cells, targets = cellwise.cell_targets(layout, outputs, None, [str(selection)], None, "0.5")
+    fields = list(dict.fromkeys(zip(cells["source"], cells["ID"])))
+    per_field = train_cell_features.features_of_fields(layout, outputs, fields, workers=1, progress=False)
+    for (source, image_id), rows in per_field.items():
+        record = read_record(record_path(outputs.bboxes_dir, source, image_id))
+        assert np.array_equal(rows, record_features(load_full_resolution(layout, source, image_id, record.image_shape), record))
+    features = np.stack([per_field[(s, i)][c] for s, i, c in zip(cells["source"], cells["ID"], cells["cell_i"])])
+    refit = cell_classifier.fit_cell_classifier(features, targets, max_iter=5)  # same data, same seed: same model
+    assert np.array_equal(cell_classifier.predict_cell_classifier(refit, features),
+                          cell_classifier.predict_cell_classifier(classifier, features))
+    with pytest.raises(UserInputError, match="image-label-weight"):
+        train_cell_features.main(common[:-5] + ["--image-label-weight", "7"])
 
 
 def test_cell_dataset_items_equal_crops_of_the_decoded_field(tmp_path):

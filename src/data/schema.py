@@ -104,6 +104,7 @@ class DatasetLayout:
 #   bboxes/                               cell boxes and alien-pixel indices per image (segmentation)
 #   denoising_folds.csv                   ID,cell_i,fold          cells split into denoising folds
 #   models/{run_name}/fold{N}/            checkpoints, metrics.csv, curves.png
+#   models/{run_name}/feature_model.joblib   cell feature model (src.features.cell_classifier)
 #   pseudo_labels.h5                      per-cell predictions and embeddings (PSEUDO_LABEL_DATASETS)
 #   denoising/fold{K}.h5                  Y_init, Y_opt, image_id, cell_i, eigenvalues (DENOISED_DATASETS)
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +149,9 @@ class OutputLayout:
 
     def model_dir(self, run_name: str, fold: int) -> Path:
         return self.root / "models" / run_name / f"fold{fold}"
+
+    def feature_model_path(self, run_name: str) -> Path:
+        return self.root / "models" / run_name / "feature_model.joblib"
 
     @property
     def pseudo_labels_h5(self) -> Path:

@@ -6,8 +6,9 @@
 
 One section per run (a synthetic style, with the pipeline's outputs). Held-out (test) split, from our
 own segmentation's cells: (a) the image labels broadcast to every cell, (b) the image-level models
-applied per cell, (d) the cell-level models, (e) the cell-level models fused with the image-level
-whole-field prediction (the pipeline's submission.csv; weights from fusion_weights.csv when chosen).
+applied per cell, (d) the cell-level models (the CNN averaged with the cell feature model when
+`models/cell_features/feature_model.joblib` exists; (d0) the CNN alone), (e) (d) fused with the
+image-level whole-field prediction (the pipeline's submission.csv; weights from fusion_weights.csv when chosen).
 Training split (the labels the cell-level model learns from): (a) the noisy image labels
 broadcast, (b) the out-of-fold pseudo-labels, (c) the pseudo-labels with the denoising additions.
 Also (d) / (a), the classes where (d) is more than 0.05 AP below (a), and (d) - (a) with a 95%
@@ -40,7 +41,8 @@ BOOTSTRAP_RESAMPLES = 1000
 MITOTIC = "Mitotic spindle"  # the class the demo's denoising selection adds
 CLASS_MARGIN = 0.05  # the target: no class more than this AP below the broadcast baseline
 ROW_NAMES = {"a": "(a) image labels broadcast to every cell", "b": "(b) image-level model per cell (out of fold on train)",
-             "c": "(c) pseudo-labels + denoising additions", "d": "(d) cell-level model",
+             "c": "(c) pseudo-labels + denoising additions", "d0": "(d0) cell-level CNN alone",
+             "d": "(d) cell-level model",
              "e": "(e) cell-level + image-level fusion"}
 
 
@@ -117,16 +119,22 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     demo_dir = outputs.root / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
     common = ["--dataset", str(layout.root), "--output-dir", str(outputs.root), "--folds", args.folds, "--overlays", "0"]
-    image_level_csv, cellwise_csv = demo_dir / "b_image_level_per_cell.csv", demo_dir / "d_cellwise.csv"
+    image_level_csv, cellwise_csv, cnn_csv = (demo_dir / "b_image_level_per_cell.csv", demo_dir / "d_cellwise.csv",
+                                              demo_dir / "d0_cnn_alone.csv")
     submission_main(common + ["--run-name", args.image_run, "--input-style", "image-level",
                               "--img-size", str(args.image_size), "--out", str(image_level_csv)])
+    cell_flags = ["--run-name", args.cell_run, "--img-size", str(args.cell_size), "--checkpoint", args.cell_checkpoint]
+    feature_model = outputs.feature_model_path(args.feature_run)
+    feature_flags = (["--feature-model", str(feature_model), "--feature-weight", str(args.feature_weight)]
+                     if feature_model.is_file() else [])
     fusion_weights = outputs.fusion_weights_csv
     if (fusion_weights.is_file() and not (pd.read_csv(fusion_weights)["weight"] > 0).any()
             and args.cell_checkpoint == "best.pth"):
         cellwise_csv = outputs.root / "submission.csv"  # fusion off: the pipeline's submission is (d)
     else:
-        submission_main(common + ["--run-name", args.cell_run, "--img-size", str(args.cell_size),
-                                  "--checkpoint", args.cell_checkpoint, "--out", str(cellwise_csv)])
+        submission_main(common + cell_flags + feature_flags + ["--out", str(cellwise_csv)])
+    if feature_flags:
+        submission_main(common + cell_flags + ["--out", str(cnn_csv)])
 
     test_truth = load_truth(layout.truth_dir, "test")
     train_truth = load_truth(layout.truth_dir, "train")
@@ -141,6 +149,7 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     broadcast_test = cell_predictions(outputs, "test", broadcast(outputs, "test", test_labels))
     cellwise_test = submission(cellwise_csv)
     test_scores = {"a": score(broadcast_test, test_truth), "b": score(submission(image_level_csv), test_truth),
+                   **({"d0": score(submission(cnn_csv), test_truth)} if feature_flags else {}),
                    "d": score(cellwise_test, test_truth), "e": score(submission(outputs.root / "submission.csv"), test_truth)}
     train_scores = {
         "a": score(cell_predictions(outputs, "train", broadcast(outputs, "train", dict(zip(noisy["ID"], noisy["Label"])))),
@@ -148,6 +157,10 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
         "b": score(cell_predictions(outputs, "train", plain), train_truth),
         "c": score(cell_predictions(outputs, "train", added), train_truth)}
     names = dict(ROW_NAMES, e=f"{ROW_NAMES['e']} ({fusion_description(outputs)})")
+    if feature_flags:
+        names["d"] = f"{ROW_NAMES['d']} (CNN + cell feature model)"
+    else:
+        del names["d0"]
     lines = ["| predictions | held-out test mAP | train split mAP |", "|---|---|---|"]
     for key, name in names.items():
         cells = [f"{scores[key][0]:.4f}" if key in scores else "" for scores in (test_scores, train_scores)]
@@ -181,6 +194,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cell-run", default="cellwise")
     parser.add_argument("--cell-checkpoint", default="best.pth",
                         help="the cell-level models' weights scored as (d): best.pth (selected) or final.pth (last epoch)")
+    parser.add_argument("--feature-run", default="cell_features", help="run name of the cell feature model")
+    parser.add_argument("--feature-weight", type=float, default=0.5,
+                        help="its weight when (d) is predicted here (with fusion on or --cell-checkpoint final.pth)")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--cell-size", type=int, default=512)
     args = parser.parse_args(argv)
@@ -197,7 +213,8 @@ def main(argv=None) -> int:
         section, per_class = score_run(label, DatasetLayout(dataset), OutputLayout(output_dir), args)
         report += section
         tables.append(per_class)
-    plot_per_class_ap(pd.concat(tables), ["(a)", "(b)", "(d)", "(e)"], report_dir / "per_class_ap.png")
+    columns = [c for c in ("(a)", "(b)", "(d0)", "(d)", "(e)") if all(c in table for table in tables)]
+    plot_per_class_ap(pd.concat(tables), columns, report_dir / "per_class_ap.png")
     report += ["![per-class test AP](per_class_ap.png)", ""]
     with atomic_path(report_dir / "report.md") as tmp:
         tmp.write_text("\n".join(report) + "\n")

@@ -35,6 +35,8 @@ from src.data.images import ImageReadError
 from src.data.labels import read_test_table
 from src.data.schema import FUSION_COLUMNS, DatasetLayout, OutputLayout
 from src.evaluation.rle import encode_mask
+from src.features import cell_classifier
+from src.features.cell_features import record_features
 from src.predict.cell_inputs import EXTRA_TTA_VIEWS, TTA_VIEWS, cell_inputs, cellwise_input, predict_views
 from src.preprocessing.generate_cell_bboxes import generate
 from src.segmentation.overlay import overlay
@@ -144,6 +146,10 @@ def main(argv=None) -> int:
     parser.add_argument("--border-down-weight", type=float, default=0.0,
                         help="confidences x (1 - this x the cell's border fraction) in submission.csv (0: off)")
     parser.add_argument("--fusion-weights", default=None, help="fusion_weights.csv: a weight per class (overrides --fusion-weight)")
+    parser.add_argument("--feature-model", default=None,
+                        help="feature_model.joblib of src.train.train_cell_features, averaged with the cell model")
+    parser.add_argument("--feature-weight", type=float, default=0.5,
+                        help="weight of the feature model's probabilities (with --feature-model)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--overlays", type=int, default=4, help="overlay PNGs for the first N fields")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -159,6 +165,9 @@ def main(argv=None) -> int:
         raise UserInputError("--fusion-weight must be in [0, 1] and fusion needs --fusion-run")
     if not 0 <= args.border_down_weight <= 1:
         raise UserInputError("--border-down-weight must be in [0, 1]")
+    if not 0 <= args.feature_weight <= 1:
+        raise UserInputError("--feature-weight must be in [0, 1]")
+    feature_model = cell_classifier.load(args.feature_model) if args.feature_model else None
     out = Path(args.out) if args.out else outputs.root / "submission.csv"
     device = torch.device(args.device)
     folds = [int(f) for f in args.folds.split(",")]
@@ -184,6 +193,10 @@ def main(argv=None) -> int:
             height, width = record.image_shape
             probabilities = ensemble_predict(models, cell_model_inputs(layout, image_id, record, args.input_style,
                                                                        args.img_size), views, args.batch_size, device)
+            if feature_model is not None and record.n_cells:
+                field = load_full_resolution(layout, "test", image_id, record.image_shape)
+                described = cell_classifier.predict_cell_classifier(feature_model, record_features(np.asarray(field), record))
+                probabilities = (1 - args.feature_weight) * probabilities + args.feature_weight * described
             if fusion_models and record.n_cells:
                 whole = load_field(layout, "test", image_id, args.fusion_img_size).transpose(2, 0, 1)[None]
                 image_level = ensemble_predict(fusion_models, np.ascontiguousarray(whole), ("identity",), 1, device)

@@ -195,6 +195,37 @@ def read_selections(paths: list[str], classes: list[str] | None) -> list[tuple[i
     return selections
 
 
+def cell_targets(layout: DatasetLayout, outputs: OutputLayout, labels_path: str | None, selection: list[str],
+                 selection_class: list[str] | None, image_label_weight: str,
+                 public_data: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
+    """Cells (ID, cell_i, source) of the pseudo-label store and their (N, 19) training targets: the
+    pseudo-labels, selected cells set to 1, blended with the image labels by `image_label_weight` (a
+    number in [0, 1] or 'auto'). Shared by the cell-level CNN and the cell feature model."""
+    labels_path = Path(labels_path or outputs.pseudo_labels_h5)
+    if not labels_path.is_file():
+        raise UserInputError(f"{labels_path} not found: run src.predict.predict_cells_from_image_level_densenet")
+    if image_label_weight != "auto":
+        try:
+            weight = float(image_label_weight)
+        except ValueError:
+            raise UserInputError("--image-label-weight must be a number in [0, 1] or 'auto'") from None
+        if not 0 <= weight <= 1:
+            raise UserInputError("--image-label-weight must be in [0, 1]")
+    with store.PseudoLabels(labels_path) as pseudo:
+        image_ids = np.array([i.decode() for i in pseudo.column("image_id")])
+        cell_indices = pseudo.column("cell_i")
+        sources = [SOURCE_NAMES[int(code)] for code in pseudo.column("source")]
+        targets = soft_targets(pseudo.column("predictions"), image_ids, cell_indices,
+                               read_selections(selection, selection_class))
+    if image_label_weight == "auto" or weight:
+        table = read_label_tables(layout.train_csv, layout.public_csv if public_data else None)
+        if image_label_weight == "auto":
+            weight = auto_image_label_weights(targets, image_ids, table)
+            log.info("image-label weights: %s", " ".join(f"{w:.2f}" for w in weight))
+        targets = blend_image_labels(targets, image_ids, table, weight)
+    return pd.DataFrame({"ID": image_ids, "cell_i": cell_indices, "source": sources}), targets
+
+
 def parse_args(argv=None):
     parser = image_level.build_parser(__doc__, SELECT_BY, "binned-accuracy")
     parser.set_defaults(img_size=512, batch_size=32, gradient_accumulation_steps=4, epochs=5,
@@ -225,31 +256,10 @@ def main(argv=None) -> int:
 def train(args, device: torch.device, dist_info) -> int:
     image_level.prepare_run(args, device)
     layout, outputs = DatasetLayout(args.dataset), OutputLayout(args.output)
-    labels_path = Path(args.cell_level_labels_path or outputs.pseudo_labels_h5)
-    if not labels_path.is_file():
-        raise UserInputError(f"{labels_path} not found: run src.predict.predict_cells_from_image_level_densenet")
     folds = read_folds(layout)
-    with store.PseudoLabels(labels_path) as pseudo:
-        image_ids = np.array([i.decode() for i in pseudo.column("image_id")])
-        cell_indices = pseudo.column("cell_i")
-        sources = [SOURCE_NAMES[int(code)] for code in pseudo.column("source")]
-        targets = soft_targets(pseudo.column("predictions"), image_ids, cell_indices,
-                               read_selections(args.selection, args.selection_class))
-    if args.image_label_weight != "auto":
-        try:
-            weight = float(args.image_label_weight)
-        except ValueError:
-            raise UserInputError("--image-label-weight must be a number in [0, 1] or 'auto'") from None
-        if not 0 <= weight <= 1:
-            raise UserInputError("--image-label-weight must be in [0, 1]")
-    if args.image_label_weight == "auto" or weight:
-        table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
-        if args.image_label_weight == "auto":
-            weight = auto_image_label_weights(targets, image_ids, table)
-            log.info("image-label weights: %s", " ".join(f"{w:.2f}" for w in weight))
-        targets = blend_image_labels(targets, image_ids, table, weight)
+    cells, targets = cell_targets(layout, outputs, args.cell_level_labels_path, args.selection, args.selection_class,
+                                  args.image_label_weight, args.public_data)
     fold_of = dict(zip(folds["ID"], folds["fold"]))
-    cells = pd.DataFrame({"ID": image_ids, "cell_i": cell_indices, "source": sources})
     cell_fold = cells["ID"].map(fold_of).fillna(-1).astype(int).to_numpy()
     train_rows = upsampled_indices(targets[cell_fold != args.fold], args.upsample_minorities)
     train_rows = np.flatnonzero(cell_fold != args.fold)[train_rows]

@@ -1,0 +1,73 @@
+"""Per-class gradient-boosted trees on the cell descriptors of `cell_features`, fit to soft targets.
+
+A soft target t in [0, 1] is fit as two weighted rows, (x, 1) with weight t and (x, 0) with weight
+1 - t: the log loss of those two rows is the cross-entropy against t. Negative is not fit: like the
+CNN's, it is min over classes of (1 - P_c), applied where the predictions are used.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import joblib
+import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier
+
+from src.data.classes import NEGATIVE, NUM_CLASSES
+from src.features.cell_features import FEATURE_NAMES
+from src.utils.io import UserInputError, atomic_path
+
+FORMAT = 1
+MIN_TARGET = 0.05  # a class whose targets never reach this has nothing to learn: predicted 0
+
+
+def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0, max_iter: int = 150,
+                        learning_rate: float = 0.05) -> dict:
+    """One classifier per class (None for Negative and classes without positives) from (N, F)
+    features and (N, 19) soft targets; the result is what `predict_cell_classifier` and `save` take."""
+    if features.ndim != 2 or features.shape[1] != len(FEATURE_NAMES) or len(features) != len(targets):
+        raise ValueError(f"features {features.shape} and targets {targets.shape} do not match "
+                         f"({len(FEATURE_NAMES)} features per cell)")
+    doubled = np.concatenate([features, features])
+    outcome = np.r_[np.ones(len(features)), np.zeros(len(features))]
+    models: list[HistGradientBoostingClassifier | None] = [None] * NUM_CLASSES
+    for cls in range(NUM_CLASSES):
+        target = np.clip(targets[:, cls].astype(np.float64), 0, 1)
+        if cls == NEGATIVE or target.max() < MIN_TARGET or target.min() > 1 - MIN_TARGET:
+            continue
+        model = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=learning_rate, max_leaf_nodes=15,
+                                               min_samples_leaf=10, l2_regularization=1.0, early_stopping=False,
+                                               random_state=seed)
+        models[cls] = model.fit(doubled, outcome, sample_weight=np.r_[target, 1 - target] + 1e-6)
+    return {"format": FORMAT, "feature_names": list(FEATURE_NAMES), "models": models}
+
+
+def predict_cell_classifier(classifier: dict, features: np.ndarray) -> np.ndarray:
+    """(N, 19) probabilities; Negative (and classes never fit) are 0 here."""
+    probabilities = np.zeros((len(features), NUM_CLASSES))
+    if len(features) == 0:
+        return probabilities
+    for cls, model in enumerate(classifier["models"]):
+        if model is not None:
+            probabilities[:, cls] = model.predict_proba(features)[:, 1]
+    return probabilities
+
+
+def save(classifier: dict, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        joblib.dump(classifier, tmp)
+
+
+def load(path: str | os.PathLike) -> dict:
+    """A classifier saved by `save`; a missing, damaged or other-format file is a UserInputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path} not found (run src.train.train_cell_features)")
+    try:
+        classifier = joblib.load(path)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the file is not ours
+        raise UserInputError(f"{path}: not a cell feature model ({type(error).__name__}: {error})") from None
+    if (not isinstance(classifier, dict) or classifier.get("format") != FORMAT
+            or classifier.get("feature_names") != list(FEATURE_NAMES) or len(classifier.get("models", ())) != NUM_CLASSES):
+        raise UserInputError(f"{path}: not a cell feature model of this version (retrain with src.train.train_cell_features)")
+    return classifier

@@ -1,0 +1,111 @@
+"""Hand-crafted per-cell descriptors of the protein (green) channel, for a sample-efficient cell classifier.
+
+A CNN trained from scratch on the ~1000 cells of a small dataset does not learn one-to-two-pixel dots
+(centrosome, Golgi, nucleoli); these descriptors measure them directly, at the field's own resolution:
+intensity quantiles (absolute, so a dark cell stays dark), nuclear vs cytoplasmic share (nucleus = the
+cell's bright blue pixels), spots from a white top-hat (count, area, share inside the nucleus), the largest
+bright blob, edge-vs-interior contrast (membrane), correlation with the other three stains, how far the
+protein's centre of mass sits from the nucleus, and gradient texture. Lengths are in pixels of the field;
+intensities are grey levels of the uint8 field. Channels are RGBY: red microtubules, green protein, blue
+nucleus, yellow ER.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from src.data.bbox_records import BBoxRecord
+
+RED, GREEN, BLUE, YELLOW = range(4)
+TOPHAT_SIDE = 7          # px: white top-hat element; spots up to ~3 px wide survive it
+SPOT_SIGMAS = (4.0, 8.0)  # spot threshold: top-hat median + k robust SDs over the cell
+RING_SIDE = 5             # px: erosion that separates the cell's outer ring from its interior
+FEATURE_NAMES: tuple[str, ...] = (
+    "log_area", "log_q10", "log_q50", "log_q90", "log_q99", "log_max", "std_rel", "q99_q50_rel", "q90_q10_rel",
+    "log_nuclear_mean", "log_cytoplasm_mean", "nuclear_mass_share", "nuclear_area_share",
+    *(f"{name}_k{int(k)}" for k in SPOT_SIGMAS for name in ("log_spot_count", "spot_area_share", "spot_nuclear_share")),
+    "log_tophat_max", "tophat_mass_share", "log_tophat_q99", "largest_blob_share", "log_blob_count",
+    "ring_interior_ratio", "corr_red", "corr_blue", "corr_yellow", "centroid_offset", "gradient_rel",
+    "log_blue_q99", "log_red_q99", "log_yellow_q99", "log_green_blue_q99_ratio")
+N_FEATURES = len(FEATURE_NAMES)
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+
+
+def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(N_FEATURES,) float32 descriptors of one cell.
+
+    crop : (h, w, 4) uint8 RGBY pixels of the cell's bounding box.
+    mask : (h, w) bool, True on the cell's own pixels. A cell under 4 pixels gives zeros.
+    """
+    if mask.sum() < 4:
+        return np.zeros(N_FEATURES, np.float32)
+    crop = crop.astype(np.float32)
+    green, blue = crop[..., GREEN], crop[..., BLUE]
+    area = float(mask.sum())
+    green_in = green[mask]
+    quantiles = np.percentile(green_in, [10, 50, 90, 99, 100])
+    scale = max(quantiles[3], 1.0)
+    features = [np.log1p(area), *np.log1p(quantiles), green_in.std() / scale,
+                (quantiles[3] - quantiles[1]) / scale, (quantiles[2] - quantiles[0]) / scale]
+
+    blue_in = blue[mask]
+    nucleus = mask & (blue > 0.5 * (np.percentile(blue_in, 10) + np.percentile(blue_in, 95)))
+    cytoplasm = mask & ~nucleus
+    mass = green_in.sum() + 1e-6
+    features += [np.log1p(green[nucleus].mean()) if nucleus.any() else 0.0,
+                 np.log1p(green[cytoplasm].mean()) if cytoplasm.any() else 0.0,
+                 green[nucleus].sum() / mass, nucleus.sum() / area]
+
+    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (TOPHAT_SIDE, TOPHAT_SIDE))
+    tophat = cv2.morphologyEx(np.where(mask, green, 0), cv2.MORPH_TOPHAT, element)
+    tophat_in = tophat[mask]
+    centre = np.median(tophat_in)
+    spread = 1.4826 * np.median(np.abs(tophat_in - centre)) + 1.0
+    for sigmas in SPOT_SIGMAS:
+        spots = mask & (tophat > centre + sigmas * spread)
+        count = ndimage.label(spots)[1]
+        features += [np.log1p(count), spots.sum() / area, (spots & nucleus).sum() / max(spots.sum(), 1)]
+    features += [np.log1p(tophat_in.max()), tophat_in.sum() / mass, np.log1p(np.percentile(tophat_in, 99))]
+
+    blobs, n_blobs = ndimage.label(mask & (green > 0.5 * quantiles[4]))
+    largest = np.bincount(blobs[blobs > 0]).max() if n_blobs else 0
+    features += [largest / area, np.log1p(n_blobs)]
+
+    interior = cv2.erode(mask.astype(np.uint8), np.ones((RING_SIDE, RING_SIDE), np.uint8)).astype(bool)
+    ring = mask & ~interior
+    features.append((green[ring].mean() + 1) / (green[interior].mean() + 1) if interior.any() and ring.any() else 1.0)
+    features += [_correlation(green_in, crop[..., channel][mask]) for channel in (RED, BLUE, YELLOW)]
+
+    ys, xs = np.nonzero(mask)
+    weights = green_in + 1e-6
+    centre_y, centre_x = (ys * weights).sum() / weights.sum(), (xs * weights).sum() / weights.sum()
+    if nucleus.any():
+        nucleus_y, nucleus_x = np.nonzero(nucleus)
+        offset = np.hypot(centre_y - nucleus_y.mean(), centre_x - nucleus_x.mean()) / np.sqrt(area / np.pi)
+    else:
+        offset = 0.0
+    features.append(offset)
+    gradient = np.hypot(cv2.Sobel(green, cv2.CV_32F, 1, 0), cv2.Sobel(green, cv2.CV_32F, 0, 1))
+    features.append(gradient[interior].mean() / scale if interior.any() else 0.0)
+    blue_q99 = np.percentile(blue_in, 99)
+    features += [np.log1p(blue_q99), np.log1p(np.percentile(crop[..., RED][mask], 99)),
+                 np.log1p(np.percentile(crop[..., YELLOW][mask], 99)), np.log1p(quantiles[3]) - np.log1p(blue_q99)]
+    return np.asarray(features, np.float32)
+
+
+def record_features(field: np.ndarray, record: BBoxRecord) -> np.ndarray:
+    """(n_cells, N_FEATURES) descriptors of every cell of a record; `field` is (H, W, 4) uint8 at the
+    record's resolution and the record must carry its cell mask."""
+    if tuple(field.shape[:2]) != tuple(record.image_shape) or field.ndim != 3 or field.shape[2] < 4:
+        raise ValueError(f"{record.image_id}: field {field.shape} does not match the record {record.image_shape} x 4 channels")
+    if record.cell_mask is None:
+        raise ValueError(f"{record.image_id}: the record was read without its cell mask")
+    rows = np.zeros((record.n_cells, N_FEATURES), np.float32)
+    for cell_i in range(record.n_cells):
+        y0, x0, y1, x1 = record.box(cell_i)
+        rows[cell_i] = cell_features(field[y0:y1, x0:x1, :4], record.cell_mask[y0:y1, x0:x1] == cell_i + 1)
+    return rows

@@ -1,0 +1,110 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from src.data.classes import NEGATIVE, NUM_CLASSES
+from src.data.schema import OutputLayout
+from src.features import cell_classifier
+from src.features.cell_features import FEATURE_NAMES, N_FEATURES, cell_features, record_features
+from src.data.bbox_records import build_record
+from src.utils.io import UserInputError
+
+INDEX = {name: k for k, name in enumerate(FEATURE_NAMES)}
+
+
+def dotted_cell(dots: list[tuple[int, int]], background: int = 50, dot: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """A 30 x 30 cell filling its box: flat green with single bright pixels, a blue nucleus disc of radius 6
+    at the centre, flat red and yellow."""
+    crop = np.zeros((30, 30, 4), np.uint8)
+    crop[..., 0], crop[..., 3], crop[..., 1] = 80, 60, background
+    yy, xx = np.mgrid[:30, :30]
+    crop[..., 2] = np.where(np.hypot(yy - 15, xx - 15) <= 6, 180, 20)
+    for y, x in dots:
+        crop[y, x, 1] = dot
+    return crop, np.ones((30, 30), bool)
+
+
+def test_features_by_hand_on_a_dotted_cell():
+    crop, mask = dotted_cell([(3, 3), (3, 26), (26, 3)])  # three dots, all outside the nucleus
+    features = cell_features(crop, mask)
+    assert features.shape == (N_FEATURES,) and features.dtype == np.float32
+    assert features[INDEX["log_area"]] == pytest.approx(np.log1p(900))
+    assert features[INDEX["log_q50"]] == pytest.approx(np.log1p(50))
+    assert features[INDEX["log_max"]] == pytest.approx(np.log1p(200))
+    assert features[INDEX["log_spot_count_k4"]] == pytest.approx(np.log1p(3))
+    assert features[INDEX["spot_area_share_k8"]] == pytest.approx(3 / 900)
+    assert features[INDEX["spot_nuclear_share_k4"]] == 0
+    nucleus_pixels = int((np.hypot(*(np.mgrid[:30, :30] - 15)) <= 6).sum())
+    assert features[INDEX["nuclear_area_share"]] == pytest.approx(nucleus_pixels / 900)
+    assert features[INDEX["log_nuclear_mean"]] == pytest.approx(np.log1p(50))
+    assert features[INDEX["corr_red"]] == 0  # a flat channel has no correlation
+    inside, _ = dotted_cell([(15, 15)])
+    assert cell_features(inside, mask)[INDEX["spot_nuclear_share_k4"]] == 1
+
+
+def test_features_separate_dim_from_bright_and_flat_from_dotted():
+    flat, mask = dotted_cell([])
+    dotted, _ = dotted_cell([(5, 5), (20, 22)])
+    dim, _ = dotted_cell([], background=5)
+    assert cell_features(flat, mask)[INDEX["log_spot_count_k4"]] == 0
+    assert cell_features(dotted, mask)[INDEX["log_spot_count_k4"]] == pytest.approx(np.log1p(2))
+    assert cell_features(dim, mask)[INDEX["log_q99"]] < cell_features(flat, mask)[INDEX["log_q99"]]
+    assert not cell_features(np.zeros((5, 5, 4), np.uint8), np.zeros((5, 5), bool)).any()  # no pixels: zeros
+
+
+def test_record_features_match_each_cell_and_check_the_field():
+    field = np.zeros((40, 70, 4), np.uint8)
+    field[..., 1] = np.arange(70, dtype=np.uint8)[None, :]
+    field[..., 2] = 100
+    labels = np.zeros((40, 70), np.int32)
+    labels[5:30, 5:30], labels[8:38, 35:65] = 1, 2
+    record = build_record("f", labels)
+    rows = record_features(field, record)
+    assert rows.shape == (2, N_FEATURES)
+    for cell_i in range(record.n_cells):
+        y0, x0, y1, x1 = record.box(cell_i)
+        own = labels[y0:y1, x0:x1] == cell_i + 1
+        assert np.array_equal(rows[cell_i], cell_features(field[y0:y1, x0:x1], own))
+    with pytest.raises(ValueError, match="does not match"):
+        record_features(field[:, :60], record)
+
+
+def test_soft_targets_are_fit_as_their_mean_and_labels_are_learnt():
+    rng = np.random.default_rng(0)
+    constant = np.zeros((200, N_FEATURES), np.float32)
+    soft = np.zeros((200, NUM_CLASSES), np.float32)
+    soft[:, 3] = rng.uniform(0, 1, 200)
+    model = cell_classifier.fit_cell_classifier(constant, soft, max_iter=20)
+    # identical features: no split helps, so the fitted probability is the cross-entropy optimum, mean(t)
+    assert cell_classifier.predict_cell_classifier(model, constant[:1])[0, 3] == pytest.approx(soft[:, 3].mean(), abs=1e-3)
+    assert model["models"][0] is None and model["models"][NEGATIVE] is None  # nothing to learn; Negative by rule
+    features = rng.normal(size=(300, N_FEATURES)).astype(np.float32)
+    hard = np.zeros((300, NUM_CLASSES), np.float32)
+    hard[:, 5] = features[:, 7] > 0.3
+    model = cell_classifier.fit_cell_classifier(features, hard, max_iter=50)
+    probabilities = cell_classifier.predict_cell_classifier(model, features)
+    assert probabilities[hard[:, 5] == 1, 5].min() > probabilities[hard[:, 5] == 0, 5].max()
+    assert (probabilities[:, np.arange(NUM_CLASSES) != 5] == 0).all()
+    with pytest.raises(ValueError, match="do not match"):
+        cell_classifier.fit_cell_classifier(features[:, :5], hard)
+
+
+def test_saved_model_round_trip_and_bad_files(tmp_path):
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(80, N_FEATURES)).astype(np.float32)
+    targets = np.zeros((80, NUM_CLASSES), np.float32)
+    targets[:, 2] = rng.uniform(size=80)
+    model = cell_classifier.fit_cell_classifier(features, targets, max_iter=10)
+    path = OutputLayout(tmp_path).feature_model_path("cell_features")
+    cell_classifier.save(model, path)
+    again = cell_classifier.load(path)
+    assert np.array_equal(cell_classifier.predict_cell_classifier(again, features),
+                          cell_classifier.predict_cell_classifier(model, features))
+    (tmp_path / "text.joblib").write_text("not a model")
+    with pytest.raises(UserInputError, match="not a cell feature model"):
+        cell_classifier.load(tmp_path / "text.joblib")
+    with pytest.raises(UserInputError, match="not found"):
+        cell_classifier.load(tmp_path / "missing.joblib")
+    cell_classifier.save(dict(model, feature_names=["other"]), tmp_path / "old.joblib")
+    with pytest.raises(UserInputError, match="this version"):
+        cell_classifier.load(tmp_path / "old.joblib")
