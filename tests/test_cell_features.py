@@ -108,3 +108,18 @@ def test_saved_model_round_trip_and_bad_files(tmp_path):
     cell_classifier.save(dict(model, feature_names=["other"]), tmp_path / "old.joblib")
     with pytest.raises(UserInputError, match="this version"):
         cell_classifier.load(tmp_path / "old.joblib")
+
+
+def test_layout_features_by_hand():
+    crop, mask = dotted_cell([])
+    crop[..., 1] = 20
+    crop[0, :, 1] = crop[-1, :, 1] = crop[:, 0, 1] = crop[:, -1, 1] = 220  # a bright outline: membrane-like
+    features = cell_features(crop, mask)
+    outer, inner = features[INDEX["depth_band0_rel"]], features[INDEX["depth_band3_rel"]]
+    assert outer > 1 > inner
+    assert inner == pytest.approx(21 / (crop[..., 1].mean() + 1))  # the centre band is all grey level 20
+    far, _ = dotted_cell([(1, 14)])  # two pixels deep: in the outer band
+    near, _ = dotted_cell([(15, 22)])  # just outside the radius-6 nucleus
+    assert cell_features(far, mask)[INDEX["spot_nucleus_distance"]] > cell_features(near, mask)[INDEX["spot_nucleus_distance"]]
+    assert cell_features(far, mask)[INDEX["spot_edge_share"]] == 1 and cell_features(near, mask)[INDEX["spot_edge_share"]] == 0
+    assert cell_features(far, mask)[INDEX["log_spot_mean_area"]] == pytest.approx(np.log1p(1))

@@ -27,12 +27,38 @@ FEATURE_NAMES: tuple[str, ...] = (
     *(f"{name}_k{int(k)}" for k in SPOT_SIGMAS for name in ("log_spot_count", "spot_area_share", "spot_nuclear_share")),
     "log_tophat_max", "tophat_mass_share", "log_tophat_q99", "largest_blob_share", "log_blob_count",
     "ring_interior_ratio", "corr_red", "corr_blue", "corr_yellow", "centroid_offset", "gradient_rel",
-    "log_blue_q99", "log_red_q99", "log_yellow_q99", "log_green_blue_q99_ratio")
+    "log_blue_q99", "log_red_q99", "log_yellow_q99", "log_green_blue_q99_ratio",
+    *(f"depth_band{k}_rel" for k in range(4)), "log_spot_mean_area", "spot_edge_share", "spot_nucleus_distance")
+DEPTH_BANDS = (0.0, 0.2, 0.4, 0.7, 1.0)  # distance to the cell's outline over its largest such distance
 N_FEATURES = len(FEATURE_NAMES)
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+
+
+def _layout_features(green: np.ndarray, mask: np.ndarray, spots: np.ndarray, nucleus: np.ndarray,
+                     area: float) -> list[float]:
+    """Where the protein sits: mean green per band of depth into the cell (relative to the cell's mean),
+    the spots' mean size, their share near the outline and their mean distance from the nucleus."""
+    padded = np.pad(mask.astype(np.uint8), 1)  # the crop's edge counts as outline
+    depth = cv2.distanceTransform(padded, cv2.DIST_L2, 3)[1:-1, 1:-1]
+    depth = depth / max(float(depth.max()), 1e-6)
+    mean = green[mask].mean() + 1.0
+    bands = []
+    for low, high in zip(DEPTH_BANDS[:-1], DEPTH_BANDS[1:]):
+        band = mask & (depth >= low) & (depth <= high if high == 1.0 else depth < high)
+        bands.append((green[band].mean() + 1.0) / mean if band.any() else 1.0)
+    spots = spots & mask
+    labels, count = ndimage.label(spots)
+    spot_area = spots.sum() / count if count else 0.0
+    near_edge = (spots & (depth < DEPTH_BANDS[1])).sum() / max(spots.sum(), 1)
+    if count and nucleus.any():
+        to_nucleus = cv2.distanceTransform((~nucleus).astype(np.uint8), cv2.DIST_L2, 3)
+        distance = to_nucleus[spots].mean() / np.sqrt(area / np.pi)
+    else:
+        distance = 0.0
+    return [*bands, np.log1p(spot_area), near_edge, distance]
 
 
 def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -94,6 +120,7 @@ def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
     blue_q99 = np.percentile(blue_in, 99)
     features += [np.log1p(blue_q99), np.log1p(np.percentile(crop[..., RED][mask], 99)),
                  np.log1p(np.percentile(crop[..., YELLOW][mask], 99)), np.log1p(quantiles[3]) - np.log1p(blue_q99)]
+    features += _layout_features(green, mask, tophat > centre + SPOT_SIGMAS[0] * spread, nucleus, area)
     return np.asarray(features, np.float32)
 
 
