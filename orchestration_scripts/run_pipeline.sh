@@ -29,6 +29,7 @@ EIGEN=${EIGEN:-50}
 SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: select_candidates' default (outliers) rule
 IMAGE_LABEL_WEIGHT=${IMAGE_LABEL_WEIGHT:-0}  # cell-level targets: (1 - w) * pseudo-label + w * image label (0: the reference)
 FEATURE_WEIGHT=${FEATURE_WEIGHT:-0.5}  # weight of the cell feature model beside the cell-level CNN (0: no feature model)
+IMAGE_CONTEXT=${IMAGE_CONTEXT:-0.5}    # weight of the field's mean cell prediction in each cell's (0: off)
 FUSION_WEIGHT=${FUSION_WEIGHT:-0}  # image-level weight in the submission (0: off); choose: per class on out-of-fold training images, from the image labels
 IMAGE_RUN=${IMAGE_RUN:-image_level}
 CELL_RUN=${CELL_RUN:-cellwise}
@@ -110,5 +111,5 @@ fi
 step "submission"
 $py -m src.predict.predict_submission --dataset "$DATASET" --output-dir "$OUTPUT" --run-name "$CELL_RUN" \
   --folds "$folds" --img-size "$CELL_SIZE" --fusion-run "$IMAGE_RUN" --fusion-img-size "$IMAGE_SIZE" \
-  "${fusion[@]}" ${features[@]+"${features[@]}"} --out "$OUTPUT/submission.csv"
+  "${fusion[@]}" ${features[@]+"${features[@]}"} --image-context "$IMAGE_CONTEXT" --out "$OUTPUT/submission.csv"
 echo "pipeline finished: $OUTPUT/submission.csv"

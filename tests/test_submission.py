@@ -23,6 +23,17 @@ def test_negative_probability_by_hand():
     assert negative_probability(probabilities, "product").tolist() == pytest.approx([0.1 * 0.7, 1.0])
 
 
+def test_image_context_by_hand():
+    probabilities = np.zeros((3, 19))
+    probabilities[:, 2] = [0.9, 0.3, 0.0]       # field mean 0.4
+    probabilities[:, 18] = [0.5, 0.5, 0.5]      # Negative is not mixed (recomputed later)
+    mixed = predict_submission.with_image_context(probabilities, 0.5)
+    assert mixed[:, 2].tolist() == pytest.approx([0.65, 0.35, 0.2])
+    assert mixed[:, 18].tolist() == [0.5, 0.5, 0.5] and (mixed[:, [0, 1, 3]] == 0).all()
+    assert np.array_equal(predict_submission.with_image_context(probabilities, 0.0), probabilities)
+    assert predict_submission.with_image_context(np.zeros((0, 19)), 0.5).shape == (0, 19)
+
+
 def test_cellwise_input_tiles_thin_cells_and_pads():
     thin = np.full((10, 40, 1), 7, np.uint8)       # short side under half the long side: tiled 4x
     assert (cellwise_input(thin, 20) == 7).all()
@@ -103,6 +114,38 @@ def test_border_down_weight_scales_border_cells_confidences(test_fields, tmp_pat
         run(layout, outputs, tmp_path / "bad.csv", "--border-down-weight", "1.5")
 
 
+def test_feature_model_is_averaged_with_the_cell_model(test_fields, tmp_path):
+    from src.data.cache import load_full_resolution
+    from src.features import cell_classifier
+    from src.features.cell_features import N_FEATURES, record_features
+    from src.utils.io import UserInputError
+
+    layout, outputs = test_fields
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, N_FEATURES)).astype(np.float32)
+    targets = np.zeros((60, 19), np.float32)
+    targets[:, 4] = rng.uniform(size=60)
+    model_path = tmp_path / "feature_model.joblib"
+    classifier = cell_classifier.fit_cell_classifier(features, targets, max_iter=5)
+    cell_classifier.save(classifier, model_path)
+    assert run(layout, outputs, tmp_path / "plain.csv") == 0
+    assert run(layout, outputs, tmp_path / "mixed.csv", "--feature-model", str(model_path), "--feature-weight", "0.25",
+               "--image-context", "0.5") == 0
+    columns = [str(c) for c in range(19)]
+    plain = pd.read_csv(tmp_path / "plain_cells.csv", dtype={"ID": str})
+    mixed = pd.read_csv(tmp_path / "mixed_cells.csv", dtype={"ID": str})
+    for image_id, rows in mixed.groupby("ID"):
+        record = read_record(record_path(outputs.bboxes_dir, "test", image_id))
+        field = load_full_resolution(layout, "test", image_id, record.image_shape)
+        described = cell_classifier.predict_cell_classifier(classifier, record_features(field, record))
+        expected = 0.75 * plain[plain["ID"] == image_id][columns].to_numpy() + 0.25 * described
+        expected[:, :18] = 0.5 * expected[:, :18] + 0.5 * expected[:, :18].mean(axis=0)
+        expected[:, 18] = (1 - expected[:, :18]).min(axis=1)
+        assert np.allclose(rows[columns].to_numpy(), expected, atol=2e-6)
+    with pytest.raises(UserInputError, match="image-context"):
+        run(layout, outputs, tmp_path / "bad.csv", "--feature-model", str(model_path), "--feature-weight", "2")
+
+
 def test_corrupt_field_is_reported_and_the_rest_written(test_fields, tmp_path):
     layout, outputs = test_fields
     tests = pd.read_csv(layout.test_csv, dtype={"ID": str})
@@ -139,32 +182,3 @@ def test_interrupted_run_leaves_the_previous_submission_whole(test_fields, tmp_p
     assert {path.name: path.read_bytes() for path in tmp_path.glob("*.csv")} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(before)  # no temporary files left
 
-
-def test_feature_model_is_averaged_with_the_cell_model(test_fields, tmp_path):
-    from src.data.cache import load_full_resolution
-    from src.features import cell_classifier
-    from src.features.cell_features import N_FEATURES, record_features
-    from src.utils.io import UserInputError
-
-    layout, outputs = test_fields
-    rng = np.random.default_rng(0)
-    features = rng.normal(size=(60, N_FEATURES)).astype(np.float32)
-    targets = np.zeros((60, 19), np.float32)
-    targets[:, 4] = rng.uniform(size=60)
-    model_path = tmp_path / "feature_model.joblib"
-    classifier = cell_classifier.fit_cell_classifier(features, targets, max_iter=5)
-    cell_classifier.save(classifier, model_path)
-    assert run(layout, outputs, tmp_path / "plain.csv") == 0
-    assert run(layout, outputs, tmp_path / "mixed.csv", "--feature-model", str(model_path), "--feature-weight", "0.25") == 0
-    columns = [str(c) for c in range(19)]
-    plain = pd.read_csv(tmp_path / "plain_cells.csv", dtype={"ID": str})
-    mixed = pd.read_csv(tmp_path / "mixed_cells.csv", dtype={"ID": str})
-    for image_id, rows in mixed.groupby("ID"):
-        record = read_record(record_path(outputs.bboxes_dir, "test", image_id))
-        field = load_full_resolution(layout, "test", image_id, record.image_shape)
-        described = cell_classifier.predict_cell_classifier(classifier, record_features(field, record))
-        expected = 0.75 * plain[plain["ID"] == image_id][columns].to_numpy() + 0.25 * described
-        expected[:, 18] = (1 - expected[:, :18]).min(axis=1)
-        assert np.allclose(rows[columns].to_numpy(), expected, atol=2e-6)
-    with pytest.raises(UserInputError, match="feature-weight"):
-        run(layout, outputs, tmp_path / "bad.csv", "--feature-model", str(model_path), "--feature-weight", "2")

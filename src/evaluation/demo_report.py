@@ -7,7 +7,8 @@
 One section per run (a synthetic style, with the pipeline's outputs). Held-out (test) split, from our
 own segmentation's cells: (a) the image labels broadcast to every cell, (b) the image-level models
 applied per cell, (d) the cell-level models (the CNN averaged with the cell feature model when
-`models/cell_features/feature_model.joblib` exists; (d0) the CNN alone), (e) (d) fused with the
+`models/cell_features/feature_model.joblib` exists, then mixed with the field's mean by
+--image-context; (d0) the CNN alone), (e) (d) fused with the
 image-level whole-field prediction (the pipeline's submission.csv; weights from fusion_weights.csv when chosen).
 Training split (the labels the cell-level model learns from): (a) the noisy image labels
 broadcast, (b) the out-of-fold pseudo-labels, (c) the pseudo-labels with the denoising additions.
@@ -126,14 +127,15 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     cell_flags = ["--run-name", args.cell_run, "--img-size", str(args.cell_size), "--checkpoint", args.cell_checkpoint]
     feature_model = outputs.feature_model_path(args.feature_run)
     feature_flags = (["--feature-model", str(feature_model), "--feature-weight", str(args.feature_weight)]
-                     if feature_model.is_file() else [])
+                     if feature_model.is_file() else []) + ["--image-context", str(args.image_context)]
     fusion_weights = outputs.fusion_weights_csv
     if (fusion_weights.is_file() and not (pd.read_csv(fusion_weights)["weight"] > 0).any()
             and args.cell_checkpoint == "best.pth"):
         cellwise_csv = outputs.root / "submission.csv"  # fusion off: the pipeline's submission is (d)
     else:
         submission_main(common + cell_flags + feature_flags + ["--out", str(cellwise_csv)])
-    if feature_flags:
+    add_ons = len(feature_flags) > 2 or args.image_context > 0
+    if add_ons:
         submission_main(common + cell_flags + ["--out", str(cnn_csv)])
 
     test_truth = load_truth(layout.truth_dir, "test")
@@ -149,7 +151,7 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     broadcast_test = cell_predictions(outputs, "test", broadcast(outputs, "test", test_labels))
     cellwise_test = submission(cellwise_csv)
     test_scores = {"a": score(broadcast_test, test_truth), "b": score(submission(image_level_csv), test_truth),
-                   **({"d0": score(submission(cnn_csv), test_truth)} if feature_flags else {}),
+                   **({"d0": score(submission(cnn_csv), test_truth)} if add_ons else {}),
                    "d": score(cellwise_test, test_truth), "e": score(submission(outputs.root / "submission.csv"), test_truth)}
     train_scores = {
         "a": score(cell_predictions(outputs, "train", broadcast(outputs, "train", dict(zip(noisy["ID"], noisy["Label"])))),
@@ -157,8 +159,10 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
         "b": score(cell_predictions(outputs, "train", plain), train_truth),
         "c": score(cell_predictions(outputs, "train", added), train_truth)}
     names = dict(ROW_NAMES, e=f"{ROW_NAMES['e']} ({fusion_description(outputs)})")
-    if feature_flags:
-        names["d"] = f"{ROW_NAMES['d']} (CNN + cell feature model)"
+    if add_ons:
+        parts = ["CNN"] + (["cell feature model"] if len(feature_flags) > 2 else []) + (
+            [f"image context {args.image_context:g}"] if args.image_context > 0 else [])
+        names["d"] = f"{ROW_NAMES['d']} ({' + '.join(parts)})"
     else:
         del names["d0"]
     lines = ["| predictions | held-out test mAP | train split mAP |", "|---|---|---|"]
@@ -197,6 +201,8 @@ def main(argv=None) -> int:
     parser.add_argument("--feature-run", default="cell_features", help="run name of the cell feature model")
     parser.add_argument("--feature-weight", type=float, default=0.5,
                         help="its weight when (d) is predicted here (with fusion on or --cell-checkpoint final.pth)")
+    parser.add_argument("--image-context", type=float, default=0.0,
+                        help="the field-mean weight of predict_submission --image-context, when (d) is predicted here")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--cell-size", type=int, default=512)
     args = parser.parse_args(argv)

@@ -9,7 +9,9 @@ the TTA views (default identity, flips, rot90, scale_shift), its neighbours mask
 scale (as for pseudo-labels). Negative = min over classes of (1 - P_c) (`--negative product` for
 the product). `--fusion-run` averages in the image-level ensemble's whole-field prediction, with one weight
 (`--fusion-weight`) or a weight per class chosen by `src.predict.choose_fusion` (`--fusion-weights`).
-`--border-down-weight S` multiplies each cell's confidences in submission.csv by 1 - S x its border
+`--feature-model M` averages in the cell feature model of `src.train.train_cell_features` (weight
+`--feature-weight`); `--image-context W` then mixes each cell's prediction with the mean over its field's
+cells (weight W), before any image-level fusion. `--border-down-weight S` multiplies each cell's confidences in submission.csv by 1 - S x its border
 fraction (the share of its outline on the field border, from the bbox record), so cells cut by the
 border rank lower; submission_cells.csv keeps the model's probabilities.
 Writes `submission.csv` (ID,ImageWidth,ImageHeight,PredictionString of `class confidence mask`
@@ -50,6 +52,20 @@ def negative_probability(probabilities: np.ndarray, rule: str = "min") -> np.nda
     """P(Negative) from the 18 pattern classes: min_c (1 - P_c), or prod_c (1 - P_c)."""
     patterns = np.delete(probabilities, NEGATIVE, axis=1)
     return (1 - patterns).min(axis=1) if rule == "min" else np.prod(1 - patterns, axis=1)
+
+
+def with_image_context(probabilities: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) x each cell's pattern-class probabilities + weight x their mean over the field's cells.
+
+    Cells of one field mostly share their localisations (image labels follow the majority of cells),
+    so the field's mean is a second opinion that a cell whose evidence is faint (a dim dot) borrows
+    from its neighbours; Negative is left to be recomputed from the mixed classes."""
+    mixed = probabilities.copy()
+    if len(probabilities) and weight:
+        patterns = np.arange(probabilities.shape[1]) != NEGATIVE
+        mean = probabilities[:, patterns].mean(axis=0, keepdims=True)
+        mixed[:, patterns] = (1 - weight) * probabilities[:, patterns] + weight * mean
+    return mixed
 
 
 def prediction_string(cell_mask: np.ndarray, probabilities: np.ndarray) -> str:
@@ -150,6 +166,8 @@ def main(argv=None) -> int:
                         help="feature_model.joblib of src.train.train_cell_features, averaged with the cell model")
     parser.add_argument("--feature-weight", type=float, default=0.5,
                         help="weight of the feature model's probabilities (with --feature-model)")
+    parser.add_argument("--image-context", type=float, default=0.0,
+                        help="weight of the field's mean cell prediction mixed into each cell's (0: off)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--overlays", type=int, default=4, help="overlay PNGs for the first N fields")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -165,8 +183,8 @@ def main(argv=None) -> int:
         raise UserInputError("--fusion-weight must be in [0, 1] and fusion needs --fusion-run")
     if not 0 <= args.border_down_weight <= 1:
         raise UserInputError("--border-down-weight must be in [0, 1]")
-    if not 0 <= args.feature_weight <= 1:
-        raise UserInputError("--feature-weight must be in [0, 1]")
+    if not 0 <= args.feature_weight <= 1 or not 0 <= args.image_context <= 1:
+        raise UserInputError("--feature-weight and --image-context must be in [0, 1]")
     feature_model = cell_classifier.load(args.feature_model) if args.feature_model else None
     out = Path(args.out) if args.out else outputs.root / "submission.csv"
     device = torch.device(args.device)
@@ -197,6 +215,7 @@ def main(argv=None) -> int:
                 field = load_full_resolution(layout, "test", image_id, record.image_shape)
                 described = cell_classifier.predict_cell_classifier(feature_model, record_features(np.asarray(field), record))
                 probabilities = (1 - args.feature_weight) * probabilities + args.feature_weight * described
+            probabilities = with_image_context(probabilities, args.image_context)
             if fusion_models and record.n_cells:
                 whole = load_field(layout, "test", image_id, args.fusion_img_size).transpose(2, 0, 1)[None]
                 image_level = ensemble_predict(fusion_models, np.ascontiguousarray(whole), ("identity",), 1, device)
