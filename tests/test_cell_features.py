@@ -123,3 +123,14 @@ def test_layout_features_by_hand():
     assert cell_features(far, mask)[INDEX["spot_nucleus_distance"]] > cell_features(near, mask)[INDEX["spot_nucleus_distance"]]
     assert cell_features(far, mask)[INDEX["spot_edge_share"]] == 1 and cell_features(near, mask)[INDEX["spot_edge_share"]] == 0
     assert cell_features(far, mask)[INDEX["log_spot_mean_area"]] == pytest.approx(np.log1p(1))
+
+
+def test_parallel_fit_equals_serial_fit():
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(120, N_FEATURES)).astype(np.float32)
+    targets = rng.uniform(size=(120, NUM_CLASSES)).astype(np.float32) * (rng.uniform(size=NUM_CLASSES) > 0.5)
+    serial = cell_classifier.fit_cell_classifier(features, targets, max_iter=8, workers=1)
+    parallel = cell_classifier.fit_cell_classifier(features, targets, max_iter=8, workers=2)
+    assert [m is None for m in serial["models"]] == [m is None for m in parallel["models"]]
+    assert np.array_equal(cell_classifier.predict_cell_classifier(serial, features),
+                          cell_classifier.predict_cell_classifier(parallel, features))

@@ -6,7 +6,7 @@
 
 One section per run (a synthetic style, with the pipeline's outputs). Held-out (test) split, from our
 own segmentation's cells: (a) the image labels broadcast to every cell, (b) the image-level models
-applied per cell, (d) the cell-level models (the CNN averaged with the cell feature model when
+applied per cell (identity view only, for time), (d) the cell-level models (the CNN averaged with the cell feature model when
 `models/cell_features/feature_model.joblib` exists, then mixed with the field's mean by
 --image-context; (d0) the CNN alone), (e) (d) fused with the
 image-level whole-field prediction (the pipeline's submission.csv; weights from fusion_weights.csv when chosen).
@@ -122,7 +122,7 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     common = ["--dataset", str(layout.root), "--output-dir", str(outputs.root), "--folds", args.folds, "--overlays", "0"]
     image_level_csv, cellwise_csv, cnn_csv = (demo_dir / "b_image_level_per_cell.csv", demo_dir / "d_cellwise.csv",
                                               demo_dir / "d0_cnn_alone.csv")
-    submission_main(common + ["--run-name", args.image_run, "--input-style", "image-level",
+    submission_main(common + ["--run-name", args.image_run, "--input-style", "image-level", "--tta", "identity",
                               "--img-size", str(args.image_size), "--out", str(image_level_csv)])
     cell_flags = ["--run-name", args.cell_run, "--img-size", str(args.cell_size), "--checkpoint", args.cell_checkpoint]
     feature_model = outputs.feature_model_path(args.feature_run)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+from joblib import Parallel, delayed
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from src.data.classes import NEGATIVE, NUM_CLASSES
@@ -21,24 +22,31 @@ FORMAT = 1
 MIN_TARGET = 0.05  # a class whose targets never reach this has nothing to learn: predicted 0
 
 
+def _fit_one(features: np.ndarray, target: np.ndarray, seed: int, max_iter: int,
+             learning_rate: float) -> HistGradientBoostingClassifier:
+    model = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=learning_rate, max_leaf_nodes=15,
+                                           min_samples_leaf=10, l2_regularization=1.0, early_stopping=False,
+                                           random_state=seed)
+    outcome = np.r_[np.ones(len(features)), np.zeros(len(features))]
+    return model.fit(np.concatenate([features, features]), outcome, sample_weight=np.r_[target, 1 - target] + 1e-6)
+
+
 def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0, max_iter: int = 150,
-                        learning_rate: float = 0.05) -> dict:
+                        learning_rate: float = 0.05, workers: int = 1) -> dict:
     """One classifier per class (None for Negative and classes without positives) from (N, F)
-    features and (N, 19) soft targets; the result is what `predict_cell_classifier` and `save` take."""
+    features and (N, 19) soft targets, `workers` classes at a time; the result is what
+    `predict_cell_classifier` and `save` take."""
     if features.ndim != 2 or features.shape[1] != len(FEATURE_NAMES) or len(features) != len(targets):
         raise ValueError(f"features {features.shape} and targets {targets.shape} do not match "
                          f"({len(FEATURE_NAMES)} features per cell)")
-    doubled = np.concatenate([features, features])
-    outcome = np.r_[np.ones(len(features)), np.zeros(len(features))]
+    clipped = np.clip(targets.astype(np.float64), 0, 1)
+    classes = [cls for cls in range(NUM_CLASSES) if cls != NEGATIVE and clipped[:, cls].max() >= MIN_TARGET
+               and clipped[:, cls].min() <= 1 - MIN_TARGET]
+    fitted = Parallel(n_jobs=max(workers, 1))(
+        delayed(_fit_one)(features, clipped[:, cls], seed, max_iter, learning_rate) for cls in classes)
     models: list[HistGradientBoostingClassifier | None] = [None] * NUM_CLASSES
-    for cls in range(NUM_CLASSES):
-        target = np.clip(targets[:, cls].astype(np.float64), 0, 1)
-        if cls == NEGATIVE or target.max() < MIN_TARGET or target.min() > 1 - MIN_TARGET:
-            continue
-        model = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=learning_rate, max_leaf_nodes=15,
-                                               min_samples_leaf=10, l2_regularization=1.0, early_stopping=False,
-                                               random_state=seed)
-        models[cls] = model.fit(doubled, outcome, sample_weight=np.r_[target, 1 - target] + 1e-6)
+    for cls, model in zip(classes, fitted):
+        models[cls] = model
     return {"format": FORMAT, "feature_names": list(FEATURE_NAMES), "models": models}
 
 

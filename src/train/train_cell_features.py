@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-iter", type=int, default=150, help="boosting rounds per class")
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=2, help="processes computing the descriptors")
+    parser.add_argument("--workers", type=int, default=2, help="processes computing the descriptors and fitting the classes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.max_iter < 1 or not 0 < args.learning_rate <= 1:
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     features = np.stack([per_field[(source, image_id)][cell_i]
                          for source, image_id, cell_i in zip(cells["source"], cells["ID"], cells["cell_i"])])
     log.info("descriptors of %d cells in %d fields: %.1f s", len(features), len(fields), time.time() - started)
-    classifier = cell_classifier.fit_cell_classifier(features, targets, args.seed, args.max_iter, args.learning_rate)
+    classifier = cell_classifier.fit_cell_classifier(features, targets, args.seed, args.max_iter, args.learning_rate,
+                                                     args.workers)
     path = outputs.feature_model_path(args.run_name)
     cell_classifier.save(classifier, path)
     fitted = sum(model is not None for model in classifier["models"])
