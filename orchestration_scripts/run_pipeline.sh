@@ -28,13 +28,13 @@ KNN=${KNN:-200}
 EIGEN=${EIGEN:-50}
 SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: select_candidates' default (outliers) rule
 IMAGE_LABEL_WEIGHT=${IMAGE_LABEL_WEIGHT:-0}  # cell-level targets: (1 - w) * pseudo-label + w * image label (0: the reference)
-FEATURE_WEIGHT=${FEATURE_WEIGHT:-0.5}  # weight of the cell feature model beside the cell-level CNN (0: no feature model)
-IMAGE_CONTEXT=${IMAGE_CONTEXT:-0.5}    # weight of the field's mean cell prediction in each cell's (0: off)
+FEATURE_WEIGHT=${FEATURE_WEIGHT:-0}   # weight of the cell feature model beside the cell-level CNN (0: none; the demo: 0.5)
+IMAGE_CONTEXT=${IMAGE_CONTEXT:-0}     # weight of the field's mean cell prediction in each cell's (0: off; the demo: 0.5)
 FUSION_WEIGHT=${FUSION_WEIGHT:-0}  # image-level weight in the submission (0: off); choose: per class on out-of-fold training images, from the image labels
 IMAGE_RUN=${IMAGE_RUN:-image_level}
 CELL_RUN=${CELL_RUN:-cellwise}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}          # extra flags for both trainers, e.g. "--init-weights none"
-CELL_FLAGS=${CELL_FLAGS:-}            # extra flags for train_cellwise, e.g. "--image-label-weight 0.5"
+CELL_FLAGS=${CELL_FLAGS:-}            # extra flags for train_cellwise, e.g. "--select-by loss" (targets: IMAGE_LABEL_WEIGHT)
 last_fold=$((N_FOLDS - 1))
 folds=$(seq -s, 0 "$last_fold")
 
@@ -92,11 +92,13 @@ for fold in $(seq 0 "$last_fold"); do
 done
 
 features=()
-if [ "$FEATURE_WEIGHT" != 0 ]; then
+feature_model="$OUTPUT/models/cell_features/feature_model.joblib"
+rm -f "$feature_model"  # a model left from an earlier run must not be taken for this one's
+if awk "BEGIN { exit !($FEATURE_WEIGHT > 0) }"; then
   step "cell feature model"
   $py -m src.train.train_cell_features --dataset "$DATASET" --output "$OUTPUT" --workers "$WORKERS" --no-progress \
     --selection "$OUTPUT/mitotic_cells_selection.csv" --image-label-weight "$IMAGE_LABEL_WEIGHT"
-  features=(--feature-model "$OUTPUT/models/cell_features/feature_model.joblib" --feature-weight "$FEATURE_WEIGHT")
+  features=(--feature-model "$feature_model" --feature-weight "$FEATURE_WEIGHT")
 fi
 
 fusion=(--fusion-weight "$FUSION_WEIGHT")

@@ -67,6 +67,22 @@ def test_record_features_match_each_cell_and_check_the_field():
         assert np.array_equal(rows[cell_i], cell_features(field[y0:y1, x0:x1], own))
     with pytest.raises(ValueError, match="does not match"):
         record_features(field[:, :60], record)
+    with pytest.raises(ValueError, match="uint8"):
+        record_features(field.astype(np.float32), record)
+
+
+def test_a_flat_cell_that_does_not_fill_its_box_has_no_spots():
+    yy, xx = np.mgrid[:41, :41]
+    disc = np.hypot(yy - 20, xx - 20) <= 18
+    crop = np.zeros((41, 41, 4), np.uint8)
+    crop[..., 1] = np.where(disc, 120, 0)
+    crop[..., 2] = np.where(np.hypot(yy - 20, xx - 20) <= 7, 200, 30) * disc
+    features = cell_features(crop, disc)
+    assert features[INDEX["log_spot_count_k4"]] == 0 and features[INDEX["log_tophat_max"]] == 0
+    crop[10, 20, 1] = 250  # one real dot inside the outline
+    features = cell_features(crop, disc)
+    assert features[INDEX["log_spot_count_k4"]] == pytest.approx(np.log1p(1))
+    assert features[INDEX["log_tophat_max"]] == pytest.approx(np.log1p(130))
 
 
 def test_soft_targets_are_fit_as_their_mean_and_labels_are_learnt():
@@ -77,7 +93,11 @@ def test_soft_targets_are_fit_as_their_mean_and_labels_are_learnt():
     model = cell_classifier.fit_cell_classifier(constant, soft, max_iter=20)
     # identical features: no split helps, so the fitted probability is the cross-entropy optimum, mean(t)
     assert cell_classifier.predict_cell_classifier(model, constant[:1])[0, 3] == pytest.approx(soft[:, 3].mean(), abs=1e-3)
-    assert model["models"][0] is None and model["models"][NEGATIVE] is None  # nothing to learn; Negative by rule
+    assert model["models"][0] == 0.0 and model["models"][NEGATIVE] is None  # nothing to learn; Negative by rule
+    everywhere = soft.copy()
+    everywhere[:, 7] = 0.97  # positive in every cell: its mean, not 0
+    model = cell_classifier.fit_cell_classifier(constant, everywhere, max_iter=5)
+    assert cell_classifier.predict_cell_classifier(model, constant[:2])[:, 7] == pytest.approx([0.97, 0.97])
     features = rng.normal(size=(300, N_FEATURES)).astype(np.float32)
     hard = np.zeros((300, NUM_CLASSES), np.float32)
     hard[:, 5] = features[:, 7] > 0.3
@@ -131,6 +151,6 @@ def test_parallel_fit_equals_serial_fit():
     targets = rng.uniform(size=(120, NUM_CLASSES)).astype(np.float32) * (rng.uniform(size=NUM_CLASSES) > 0.5)
     serial = cell_classifier.fit_cell_classifier(features, targets, max_iter=8, workers=1)
     parallel = cell_classifier.fit_cell_classifier(features, targets, max_iter=8, workers=2)
-    assert [m is None for m in serial["models"]] == [m is None for m in parallel["models"]]
+    assert [type(m) for m in serial["models"]] == [type(m) for m in parallel["models"]]
     assert np.array_equal(cell_classifier.predict_cell_classifier(serial, features),
                           cell_classifier.predict_cell_classifier(parallel, features))

@@ -142,8 +142,9 @@ def test_feature_model_is_averaged_with_the_cell_model(test_fields, tmp_path):
         expected[:, :18] = 0.5 * expected[:, :18] + 0.5 * expected[:, :18].mean(axis=0)
         expected[:, 18] = (1 - expected[:, :18]).min(axis=1)
         assert np.allclose(rows[columns].to_numpy(), expected, atol=2e-6)
-    with pytest.raises(UserInputError, match="image-context"):
-        run(layout, outputs, tmp_path / "bad.csv", "--feature-model", str(model_path), "--feature-weight", "2")
+    for flag in ("--feature-weight", "--image-context"):
+        with pytest.raises(UserInputError, match="must be in"):
+            run(layout, outputs, tmp_path / "bad.csv", "--feature-model", str(model_path), flag, "2")
 
 
 def test_corrupt_field_is_reported_and_the_rest_written(test_fields, tmp_path):

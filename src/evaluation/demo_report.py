@@ -127,13 +127,8 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     cell_flags = ["--run-name", args.cell_run, "--img-size", str(args.cell_size), "--checkpoint", args.cell_checkpoint]
     feature_model = outputs.feature_model_path(args.feature_run)
     feature_flags = (["--feature-model", str(feature_model), "--feature-weight", str(args.feature_weight)]
-                     if feature_model.is_file() else []) + ["--image-context", str(args.image_context)]
-    fusion_weights = outputs.fusion_weights_csv
-    if (fusion_weights.is_file() and not (pd.read_csv(fusion_weights)["weight"] > 0).any()
-            and args.cell_checkpoint == "best.pth"):
-        cellwise_csv = outputs.root / "submission.csv"  # fusion off: the pipeline's submission is (d)
-    else:
-        submission_main(common + cell_flags + feature_flags + ["--out", str(cellwise_csv)])
+                     if feature_model.is_file() and args.feature_weight > 0 else []) + ["--image-context", str(args.image_context)]
+    submission_main(common + cell_flags + feature_flags + ["--out", str(cellwise_csv)])
     add_ons = len(feature_flags) > 2 or args.image_context > 0
     if add_ons:
         submission_main(common + cell_flags + ["--out", str(cnn_csv)])
@@ -200,9 +195,9 @@ def main(argv=None) -> int:
                         help="the cell-level models' weights scored as (d): best.pth (selected) or final.pth (last epoch)")
     parser.add_argument("--feature-run", default="cell_features", help="run name of the cell feature model")
     parser.add_argument("--feature-weight", type=float, default=0.5,
-                        help="its weight when (d) is predicted here (with fusion on or --cell-checkpoint final.pth)")
+                        help="its weight in (d) (0: the CNN alone); pass the pipeline's FEATURE_WEIGHT")
     parser.add_argument("--image-context", type=float, default=0.0,
-                        help="the field-mean weight of predict_submission --image-context, when (d) is predicted here")
+                        help="the field-mean weight of predict_submission --image-context in (d); pass the pipeline's IMAGE_CONTEXT")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--cell-size", type=int, default=512)
     args = parser.parse_args(argv)

@@ -33,9 +33,9 @@ def _fit_one(features: np.ndarray, target: np.ndarray, seed: int, max_iter: int,
 
 def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0, max_iter: int = 150,
                         learning_rate: float = 0.05, workers: int = 1) -> dict:
-    """One classifier per class (None for Negative and classes without positives) from (N, F)
-    features and (N, 19) soft targets, `workers` classes at a time; the result is what
-    `predict_cell_classifier` and `save` take."""
+    """One classifier per class from (N, F) features and (N, 19) soft targets, `workers` classes at a
+    time; Negative is None, and a class whose targets never leave [0, MIN_TARGET) or (1 - MIN_TARGET, 1]
+    is its mean target (a float). The result is what `predict_cell_classifier` and `save` take."""
     if features.ndim != 2 or features.shape[1] != len(FEATURE_NAMES) or len(features) != len(targets):
         raise ValueError(f"features {features.shape} and targets {targets.shape} do not match "
                          f"({len(FEATURE_NAMES)} features per cell)")
@@ -44,19 +44,24 @@ def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0
                and clipped[:, cls].min() <= 1 - MIN_TARGET]
     fitted = Parallel(n_jobs=max(workers, 1))(
         delayed(_fit_one)(features, clipped[:, cls], seed, max_iter, learning_rate) for cls in classes)
-    models: list[HistGradientBoostingClassifier | None] = [None] * NUM_CLASSES
+    models: list[HistGradientBoostingClassifier | float | None] = [None] * NUM_CLASSES
+    for cls in range(NUM_CLASSES):
+        if cls != NEGATIVE and cls not in classes:
+            models[cls] = float(clipped[:, cls].mean()) if len(clipped) else 0.0
     for cls, model in zip(classes, fitted):
         models[cls] = model
     return {"format": FORMAT, "feature_names": list(FEATURE_NAMES), "models": models}
 
 
 def predict_cell_classifier(classifier: dict, features: np.ndarray) -> np.ndarray:
-    """(N, 19) probabilities; Negative (and classes never fit) are 0 here."""
+    """(N, 19) probabilities; Negative is 0 here."""
     probabilities = np.zeros((len(features), NUM_CLASSES))
     if len(features) == 0:
         return probabilities
     for cls, model in enumerate(classifier["models"]):
-        if model is not None:
+        if isinstance(model, float):
+            probabilities[:, cls] = model
+        elif model is not None:
             probabilities[:, cls] = model.predict_proba(features)[:, 1]
     return probabilities
 

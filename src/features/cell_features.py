@@ -87,7 +87,10 @@ def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
                  green[nucleus].sum() / mass, nucleus.sum() / area]
 
     element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (TOPHAT_SIDE, TOPHAT_SIDE))
-    tophat = cv2.morphologyEx(np.where(mask, green, 0), cv2.MORPH_TOPHAT, element)
+    # outside the cell each pixel takes its nearest cell pixel's value, so the cell's outline is no step
+    # for the opening to cut corners off (a flat cell has no spots)
+    nearest = ndimage.distance_transform_edt(~mask, return_distances=False, return_indices=True)
+    tophat = cv2.morphologyEx(np.ascontiguousarray(green[tuple(nearest)]), cv2.MORPH_TOPHAT, element)
     tophat_in = tophat[mask]
     centre = np.median(tophat_in)
     spread = 1.4826 * np.median(np.abs(tophat_in - centre)) + 1.0
@@ -127,6 +130,8 @@ def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def record_features(field: np.ndarray, record: BBoxRecord) -> np.ndarray:
     """(n_cells, N_FEATURES) descriptors of every cell of a record; `field` is (H, W, 4) uint8 at the
     record's resolution and the record must carry its cell mask."""
+    if field.dtype != np.uint8:
+        raise ValueError(f"{record.image_id}: the field must be uint8 grey levels, got {field.dtype}")
     if tuple(field.shape[:2]) != tuple(record.image_shape) or field.ndim != 3 or field.shape[2] < 4:
         raise ValueError(f"{record.image_id}: field {field.shape} does not match the record {record.image_shape} x 4 channels")
     if record.cell_mask is None:

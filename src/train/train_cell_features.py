@@ -74,9 +74,16 @@ def main(argv=None) -> int:
     layout, outputs = DatasetLayout(args.dataset), OutputLayout(args.output)
     cells, targets = cell_targets(layout, outputs, args.cell_level_labels_path, args.selection, args.selection_class,
                                   args.image_label_weight, args.public_data)
+    if len(cells) == 0:
+        raise UserInputError("the pseudo-label store has no cells to learn from")
     started = time.time()
     fields = list(dict.fromkeys(zip(cells["source"], cells["ID"])))
     per_field = features_of_fields(layout, outputs, fields, args.workers, not args.no_progress)
+    stale = [(image_id, cell_i) for source, image_id, cell_i in zip(cells["source"], cells["ID"], cells["cell_i"])
+             if cell_i >= len(per_field[(source, image_id)])]
+    if stale:
+        raise UserInputError(f"{len(stale)} cells of the pseudo-label store are not in their bbox records (first: "
+                             f"{stale[0][0]} cell {stale[0][1]}); the records changed since the pseudo-labels were made")
     features = np.stack([per_field[(source, image_id)][cell_i]
                          for source, image_id, cell_i in zip(cells["source"], cells["ID"], cells["cell_i"])])
     log.info("descriptors of %d cells in %d fields: %.1f s", len(features), len(fields), time.time() - started)
@@ -84,7 +91,7 @@ def main(argv=None) -> int:
                                                      args.workers)
     path = outputs.feature_model_path(args.run_name)
     cell_classifier.save(classifier, path)
-    fitted = sum(model is not None for model in classifier["models"])
+    fitted = sum(not isinstance(model, (float, type(None))) for model in classifier["models"])
     log.info("fit %d classes in %.1f s in all; wrote %s", fitted, time.time() - started, path)
     return 0
 
