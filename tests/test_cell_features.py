@@ -154,3 +154,18 @@ def test_parallel_fit_equals_serial_fit():
     assert [type(m) for m in serial["models"]] == [type(m) for m in parallel["models"]]
     assert np.array_equal(cell_classifier.predict_cell_classifier(serial, features),
                           cell_classifier.predict_cell_classifier(parallel, features))
+
+
+def test_cell_scale_top_hat_keeps_a_blob_the_small_one_cuts():
+    yy, xx = np.mgrid[:61, :61]
+    disc = np.hypot(yy - 30, xx - 30) <= 30
+    crop = np.zeros((61, 61, 4), np.uint8)
+    crop[..., 2] = np.where(np.hypot(yy - 30, xx - 30) <= 8, 200, 30) * disc
+    crop[..., 1] = np.where(disc, 40, 0)
+    crop[..., 1][np.hypot(yy - 12, xx - 30) <= 4] = 200  # a blob 9 px across, wider than the 7-px element
+    features = cell_features(crop, disc)
+    assert features[INDEX["log_blob_count_cell_scale"]] == pytest.approx(np.log1p(1))
+    blob_pixels = int((np.hypot(yy - 12, xx - 30) <= 4).sum())
+    assert features[INDEX["blob_area_share_cell_scale"]] == pytest.approx(blob_pixels / disc.sum())
+    # the 7-px top-hat keeps only the blob's rim, far less of its mass
+    assert features[INDEX["tophat_mass_share"]] < 0.5 * features[INDEX["tophat_mass_share_cell_scale"]]

@@ -19,6 +19,7 @@ from src.data.bbox_records import BBoxRecord
 
 RED, GREEN, BLUE, YELLOW = range(4)
 TOPHAT_SIDE = 7          # px: white top-hat element; spots up to ~3 px wide survive it
+CELL_SCALE_TOPHAT = 0.25  # a second top-hat element, this fraction of the cell's diameter (blobs at any field scale)
 SPOT_SIGMAS = (4.0, 8.0)  # spot threshold: top-hat median + k robust SDs over the cell
 RING_SIDE = 5             # px: erosion that separates the cell's outer ring from its interior
 FEATURE_NAMES: tuple[str, ...] = (
@@ -28,13 +29,24 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_tophat_max", "tophat_mass_share", "log_tophat_q99", "largest_blob_share", "log_blob_count",
     "ring_interior_ratio", "corr_red", "corr_blue", "corr_yellow", "centroid_offset", "gradient_rel",
     "log_blue_q99", "log_red_q99", "log_yellow_q99", "log_green_blue_q99_ratio",
-    *(f"depth_band{k}_rel" for k in range(4)), "log_spot_mean_area", "spot_edge_share", "spot_nucleus_distance")
+    *(f"depth_band{k}_rel" for k in range(4)), "log_spot_mean_area", "spot_edge_share", "spot_nucleus_distance",
+    "log_blob_count_cell_scale", "blob_area_share_cell_scale", "tophat_mass_share_cell_scale")
 DEPTH_BANDS = (0.0, 0.2, 0.4, 0.7, 1.0)  # distance to the cell's outline over its largest such distance
 N_FEATURES = len(FEATURE_NAMES)
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
+
+
+def _tophat(filled: np.ndarray, mask: np.ndarray, side: int) -> tuple[np.ndarray, float, float]:
+    """White top-hat with an elliptical `side`-px element, and the median and robust SD (+1 grey
+    level) of its values over the cell."""
+    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
+    tophat = cv2.morphologyEx(filled, cv2.MORPH_TOPHAT, element)
+    values = tophat[mask]
+    centre = float(np.median(values))
+    return tophat, centre, 1.4826 * float(np.median(np.abs(values - centre))) + 1.0
 
 
 def _layout_features(green: np.ndarray, mask: np.ndarray, spots: np.ndarray, nucleus: np.ndarray,
@@ -86,14 +98,12 @@ def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
                  np.log1p(green[cytoplasm].mean()) if cytoplasm.any() else 0.0,
                  green[nucleus].sum() / mass, nucleus.sum() / area]
 
-    element = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (TOPHAT_SIDE, TOPHAT_SIDE))
     # outside the cell each pixel takes its nearest cell pixel's value, so the cell's outline is no step
     # for the opening to cut corners off (a flat cell has no spots)
     nearest = ndimage.distance_transform_edt(~mask, return_distances=False, return_indices=True)
-    tophat = cv2.morphologyEx(np.ascontiguousarray(green[tuple(nearest)]), cv2.MORPH_TOPHAT, element)
+    filled = np.ascontiguousarray(green[tuple(nearest)])
+    tophat, centre, spread = _tophat(filled, mask, TOPHAT_SIDE)
     tophat_in = tophat[mask]
-    centre = np.median(tophat_in)
-    spread = 1.4826 * np.median(np.abs(tophat_in - centre)) + 1.0
     for sigmas in SPOT_SIGMAS:
         spots = mask & (tophat > centre + sigmas * spread)
         count = ndimage.label(spots)[1]
@@ -124,6 +134,10 @@ def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
     features += [np.log1p(blue_q99), np.log1p(np.percentile(crop[..., RED][mask], 99)),
                  np.log1p(np.percentile(crop[..., YELLOW][mask], 99)), np.log1p(quantiles[3]) - np.log1p(blue_q99)]
     features += _layout_features(green, mask, tophat > centre + SPOT_SIGMAS[0] * spread, nucleus, area)
+    side = max(TOPHAT_SIDE + 2, 2 * round(CELL_SCALE_TOPHAT * np.sqrt(area / np.pi)) + 1)  # odd, > TOPHAT_SIDE
+    wide, wide_centre, wide_spread = _tophat(filled, mask, side)
+    blobs = mask & (wide > wide_centre + SPOT_SIGMAS[0] * wide_spread)
+    features += [np.log1p(ndimage.label(blobs)[1]), blobs.sum() / area, wide[mask].sum() / mass]
     return np.asarray(features, np.float32)
 
 
