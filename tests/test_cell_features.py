@@ -169,3 +169,16 @@ def test_cell_scale_top_hat_keeps_a_blob_the_small_one_cuts():
     assert features[INDEX["blob_area_share_cell_scale"]] == pytest.approx(blob_pixels / disc.sum())
     # the 7-px top-hat keeps only the blob's rim, far less of its mass
     assert features[INDEX["tophat_mass_share"]] < 0.5 * features[INDEX["tophat_mass_share_cell_scale"]]
+
+
+def test_a_large_cell_finds_its_blob_on_the_shrunk_copy():
+    yy, xx = np.mgrid[:161, :161]
+    disc = np.hypot(yy - 80, xx - 80) <= 78  # element 2 * round(0.25 * 78) + 1 = 41 > 31: shrunk by 41/31
+    crop = np.zeros((161, 161, 4), np.uint8)
+    crop[..., 2] = np.where(np.hypot(yy - 80, xx - 80) <= 20, 200, 30) * disc
+    crop[..., 1] = np.where(disc, 40, 0)
+    blob = np.hypot(yy - 30, xx - 80) <= 8
+    crop[..., 1][blob] = 220
+    features = cell_features(crop, disc)
+    assert features[INDEX["log_blob_count_cell_scale"]] == pytest.approx(np.log1p(1))
+    assert features[INDEX["blob_area_share_cell_scale"]] == pytest.approx(blob.sum() / disc.sum(), rel=0.25)
