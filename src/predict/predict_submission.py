@@ -10,8 +10,8 @@ scale (as for pseudo-labels). Negative = min over classes of (1 - P_c) (`--negat
 the product). `--fusion-run` averages in the image-level ensemble's whole-field prediction, with one weight
 (`--fusion-weight`) or a weight per class chosen by `src.predict.choose_fusion` (`--fusion-weights`).
 `--feature-model M` averages in the cell feature model of `src.train.train_cell_features` (weight
-`--feature-weight`); `--image-context W` then mixes each cell's prediction with the mean over its field's
-cells (weight W), before any image-level fusion. `--border-down-weight S` multiplies each cell's confidences in submission.csv by 1 - S x its border
+`--feature-weight`); `--image-context W` mixes each cell's pattern-class probabilities with their mean
+over its field's cells (weight W), last, so Negative comes from the cell's own prediction. `--border-down-weight S` multiplies each cell's confidences in submission.csv by 1 - S x its border
 fraction (the share of its outline on the field border, from the bbox record), so cells cut by the
 border rank lower; submission_cells.csv keeps the model's probabilities.
 Writes `submission.csv` (ID,ImageWidth,ImageHeight,PredictionString of `class confidence mask`
@@ -59,7 +59,7 @@ def with_image_context(probabilities: np.ndarray, weight: float) -> np.ndarray:
 
     Cells of one field mostly share their localisations (image labels follow the majority of cells),
     so the field's mean is a second opinion that a cell whose evidence is faint (a dim dot) borrows
-    from its neighbours; Negative is left to be recomputed from the mixed classes."""
+    from its neighbours. Negative is left as it is: the cell's own."""
     mixed = probabilities.copy()
     if len(probabilities) and weight:
         patterns = np.arange(probabilities.shape[1]) != NEGATIVE
@@ -215,12 +215,13 @@ def main(argv=None) -> int:
                 field = load_full_resolution(layout, "test", image_id, record.image_shape)
                 described = cell_classifier.predict_cell_classifier(feature_model, record_features(np.asarray(field), record))
                 probabilities = (1 - args.feature_weight) * probabilities + args.feature_weight * described
-            probabilities = with_image_context(probabilities, args.image_context)
             if fusion_models and record.n_cells:
                 whole = load_field(layout, "test", image_id, args.fusion_img_size).transpose(2, 0, 1)[None]
                 image_level = ensemble_predict(fusion_models, np.ascontiguousarray(whole), ("identity",), 1, device)
                 probabilities = (1 - fusion_weights) * probabilities + fusion_weights * image_level
             probabilities[:, NEGATIVE] = negative_probability(probabilities, args.negative)
+            # after Negative: a cell with no pattern of its own stays Negative in a field of stained cells
+            probabilities = with_image_context(probabilities, args.image_context)
         except (ImageReadError, FileNotFoundError, ValueError) as error:
             log.warning("skipped %s: %s", image_id, error)
             failed[image_id] = str(error)
