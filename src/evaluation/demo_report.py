@@ -6,10 +6,10 @@
 
 One section per run (a synthetic style, with the pipeline's outputs). Held-out (test) split, from our
 own segmentation's cells: (a) the image labels broadcast to every cell, (b) the image-level models
-applied per cell (identity view only, for time), (d) the cell-level models (the CNN averaged with the cell feature model when
-`models/cell_features/feature_model.joblib` exists, then mixed with the field's mean by
---image-context; (d0) the CNN alone), (e) (d) fused with the
-image-level whole-field prediction (the pipeline's submission.csv; weights from fusion_weights.csv when chosen).
+applied per cell (identity view only, for time), (d) the cell-level models (the CNN averaged with
+the cell feature model when `models/cell_features/feature_model.joblib` exists, then mixed with the
+field's mean by --image-context; (d0) the CNN alone), (e) (d) fused with the image-level whole-field
+prediction (the pipeline's submission.csv; weights from fusion_weights.csv when chosen).
 Training split (the labels the cell-level model learns from): (a) the noisy image labels
 broadcast, (b) the out-of-fold pseudo-labels, (c) the pseudo-labels with the denoising additions.
 Also (d) / (a), the classes where (d) is more than 0.05 AP below (a), and (d) - (a) with a 95%
@@ -126,10 +126,11 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
                               "--img-size", str(args.image_size), "--out", str(image_level_csv)])
     cell_flags = ["--run-name", args.cell_run, "--img-size", str(args.cell_size), "--checkpoint", args.cell_checkpoint]
     feature_model = outputs.feature_model_path(args.feature_run)
-    feature_flags = (["--feature-model", str(feature_model), "--feature-weight", str(args.feature_weight)]
-                     if feature_model.is_file() and args.feature_weight > 0 else []) + ["--image-context", str(args.image_context)]
-    submission_main(common + cell_flags + feature_flags + ["--out", str(cellwise_csv)])
-    add_ons = len(feature_flags) > 2 or args.image_context > 0
+    use_features = feature_model.is_file() and args.feature_weight > 0
+    add_on_flags = (["--feature-model", str(feature_model), "--feature-weight", str(args.feature_weight)]
+                    if use_features else []) + ["--image-context", str(args.image_context)]
+    submission_main(common + cell_flags + add_on_flags + ["--out", str(cellwise_csv)])
+    add_ons = use_features or args.image_context > 0
     if add_ons:
         submission_main(common + cell_flags + ["--out", str(cnn_csv)])
 
@@ -155,7 +156,7 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
         "c": score(cell_predictions(outputs, "train", added), train_truth)}
     names = dict(ROW_NAMES, e=f"{ROW_NAMES['e']} ({fusion_description(outputs)})")
     if add_ons:
-        parts = ["CNN"] + (["cell feature model"] if len(feature_flags) > 2 else []) + (
+        parts = ["CNN"] + (["cell feature model"] if use_features else []) + (
             [f"image context {args.image_context:g}"] if args.image_context > 0 else [])
         names["d"] = f"{ROW_NAMES['d']} ({' + '.join(parts)})"
     else:

@@ -19,7 +19,7 @@ from src.features.cell_features import FEATURE_NAMES
 from src.utils.io import UserInputError, atomic_path
 
 FORMAT = 1
-MIN_TARGET = 0.05  # a class whose targets never reach this has nothing to learn: predicted 0
+MIN_TARGET = 0.05  # a class whose targets stay within this of 0 (or of 1) has nothing to learn: its mean
 
 
 def _fit_one(features: np.ndarray, target: np.ndarray, seed: int, max_iter: int,
@@ -44,10 +44,8 @@ def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0
                and clipped[:, cls].min() <= 1 - MIN_TARGET]
     fitted = Parallel(n_jobs=max(workers, 1))(
         delayed(_fit_one)(features, clipped[:, cls], seed, max_iter, learning_rate) for cls in classes)
-    models: list[HistGradientBoostingClassifier | float | None] = [None] * NUM_CLASSES
-    for cls in range(NUM_CLASSES):
-        if cls != NEGATIVE and cls not in classes:
-            models[cls] = float(clipped[:, cls].mean()) if len(clipped) else 0.0
+    models: list[HistGradientBoostingClassifier | float | None] = [
+        None if cls == NEGATIVE else float(clipped[:, cls].mean()) if len(clipped) else 0.0 for cls in range(NUM_CLASSES)]
     for cls, model in zip(classes, fitted):
         models[cls] = model
     return {"format": FORMAT, "feature_names": list(FEATURE_NAMES), "models": models}

@@ -11,7 +11,8 @@ the product). `--fusion-run` averages in the image-level ensemble's whole-field 
 (`--fusion-weight`) or a weight per class chosen by `src.predict.choose_fusion` (`--fusion-weights`).
 `--feature-model M` averages in the cell feature model of `src.train.train_cell_features` (weight
 `--feature-weight`); `--image-context W` mixes each cell's pattern-class probabilities with their mean
-over its field's cells (weight W), last, so Negative comes from the cell's own prediction. `--border-down-weight S` multiplies each cell's confidences in submission.csv by 1 - S x its border
+over its field's cells (weight W), last, so Negative comes from the cell's own prediction.
+`--border-down-weight S` multiplies each cell's confidences in submission.csv by 1 - S x its border
 fraction (the share of its outline on the field border, from the bbox record), so cells cut by the
 border rank lower; submission_cells.csv keeps the model's probabilities.
 Writes `submission.csv` (ID,ImageWidth,ImageHeight,PredictionString of `class confidence mask`
@@ -112,10 +113,12 @@ def ensemble_predict(models: list, inputs: np.ndarray, views: tuple[str, ...], b
 
 
 def cell_model_inputs(layout: DatasetLayout, image_id: str, record, style: str, img_size: int,
-                      source: str = "test") -> np.ndarray:
+                      source: str = "test", field: np.ndarray | None = None) -> np.ndarray:
+    """(n, C, S, S) inputs of a record's cells; `field`: the full-resolution field when already loaded."""
     if style == "image-level":
         return cell_inputs(load_field(layout, source, image_id, img_size), record, img_size)
-    field = load_full_resolution(layout, source, image_id, record.image_shape)
+    if field is None:
+        field = load_full_resolution(layout, source, image_id, record.image_shape)
     return np.stack([cellwise_input(masked_crop(field, record, i), img_size).transpose(2, 0, 1)
                      for i in range(record.n_cells)]) if record.n_cells else np.zeros((0, 4, img_size, img_size), np.uint8)
 
@@ -209,10 +212,12 @@ def main(argv=None) -> int:
         try:
             record = read_record(record_path(outputs.bboxes_dir, "test", image_id))
             height, width = record.image_shape
+            field = (load_full_resolution(layout, "test", image_id, record.image_shape)  # read once: crops, descriptors
+                     if args.input_style == "cellwise" or feature_model is not None else None)
             probabilities = ensemble_predict(models, cell_model_inputs(layout, image_id, record, args.input_style,
-                                                                       args.img_size), views, args.batch_size, device)
+                                                                       args.img_size, field=field),
+                                             views, args.batch_size, device)
             if feature_model is not None and record.n_cells:
-                field = load_full_resolution(layout, "test", image_id, record.image_shape)
                 described = cell_classifier.predict_cell_classifier(feature_model, record_features(np.asarray(field), record))
                 probabilities = (1 - args.feature_weight) * probabilities + args.feature_weight * described
             if fusion_models and record.n_cells:
@@ -231,7 +236,8 @@ def main(argv=None) -> int:
         rows.append((image_id, width, height, prediction_string(record.cell_mask, confidences)))
         cell_rows += [(image_id, cell_i, *probabilities[cell_i]) for cell_i in range(record.n_cells)]
         if index < args.overlays:
-            draw_overlay(load_full_resolution(layout, "test", image_id, record.image_shape), record.cell_mask, probabilities,
+            draw_overlay(load_full_resolution(layout, "test", image_id, record.image_shape) if field is None else field,
+                         record.cell_mask, probabilities,
                          out.parent / f"{out.stem}_overlays" / f"{image_id}.png")
     write_csv_atomic(pd.DataFrame(rows, columns=["ID", "ImageWidth", "ImageHeight", "PredictionString"]), out)
     write_csv_atomic(pd.DataFrame(cell_rows, columns=["ID", "cell_i", *[str(c) for c in range(NUM_CLASSES)]]),
