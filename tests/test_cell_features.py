@@ -42,6 +42,26 @@ def test_features_by_hand_on_a_dotted_cell():
     assert cell_features(inside, mask)[INDEX["spot_nuclear_share_k4"]] == 1
 
 
+
+def test_spot_shape_tells_dots_from_lines_and_finds_the_red_hub():
+    dots, mask = dotted_cell([(4, 4), (4, 24), (24, 4)])  # three single-pixel dots outside the nucleus
+    line, _ = dotted_cell([])
+    line[4, 4:26, 1] = 200  # one straight line, also outside the nucleus
+    dot_features, line_features = cell_features(dots, mask), cell_features(line, mask)
+    assert dot_features[INDEX["spot_roundness"]] > 0.7 > 0.3 > line_features[INDEX["spot_roundness"]]
+    assert dot_features[INDEX["log_cytoplasm_spot_count"]] == pytest.approx(np.log1p(3))
+    assert line_features[INDEX["log_cytoplasm_spot_count"]] == pytest.approx(np.log1p(1))
+    assert dot_features[INDEX["spot_red_ratio"]] == pytest.approx(1.0)  # flat red: the spots see its mean
+    hub = dots.copy()
+    hub[3:6, 3:6, 0] = 240  # the red stain peaks under one of the three dots
+    ratio = cell_features(hub, mask)[INDEX["spot_red_ratio"]]
+    red_mean = (80 * 891 + 240 * 9) / 900
+    assert ratio == pytest.approx((((240 + 80 + 80) / 3) + 1) / (red_mean + 1), rel=1e-4)
+    in_nucleus, _ = dotted_cell([(15, 15), (14, 18)])
+    assert cell_features(in_nucleus, mask)[INDEX["log_cytoplasm_spot_count"]] == 0
+    flat, _ = dotted_cell([])
+    assert cell_features(flat, mask)[[INDEX["spot_roundness"], INDEX["spot_red_ratio"]]].tolist() == [0, 1]
+
 def test_features_separate_dim_from_bright_and_flat_from_dotted():
     flat, mask = dotted_cell([])
     dotted, _ = dotted_cell([(5, 5), (20, 22)])

@@ -5,7 +5,8 @@ A CNN trained from scratch on the ~1000 cells of a small dataset does not learn 
 intensity quantiles (absolute, so a dark cell stays dark), nuclear vs cytoplasmic share (nucleus = the
 cell's bright blue pixels), spots from a white top-hat (count, area, share inside the nucleus), the largest
 bright blob, edge-vs-interior contrast (membrane), correlation with the other three stains, how far the
-protein's centre of mass sits from the nucleus, and gradient texture. Lengths are in pixels of the field;
+protein's centre of mass sits from the nucleus, gradient texture, and the spots' shape (round dots such
+as vesicles vs lines such as mitochondria) and red stain (a dot at the microtubules' hub: centrosome). Lengths are in pixels of the field;
 intensities are grey levels of the uint8 field. Channels are RGBY: red microtubules, green protein, blue
 nucleus, yellow ER.
 """
@@ -31,7 +32,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "ring_interior_ratio", "corr_red", "corr_blue", "corr_yellow", "centroid_offset", "gradient_rel",
     "log_blue_q99", "log_red_q99", "log_yellow_q99", "log_green_blue_q99_ratio",
     *(f"depth_band{k}_rel" for k in range(4)), "log_spot_mean_area", "spot_edge_share", "spot_nucleus_distance",
-    "log_blob_count_cell_scale", "blob_area_share_cell_scale", "tophat_mass_share_cell_scale")
+    "log_blob_count_cell_scale", "blob_area_share_cell_scale", "tophat_mass_share_cell_scale",
+    "spot_roundness", "spot_red_ratio", "log_cytoplasm_spot_count")
 DEPTH_BANDS = (0.0, 0.2, 0.4, 0.7, 1.0)  # distance to the cell's outline over its largest such distance
 N_FEATURES = len(FEATURE_NAMES)
 
@@ -89,6 +91,28 @@ def _layout_features(green: np.ndarray, mask: np.ndarray, spots: np.ndarray, nuc
     else:
         distance = 0.0
     return [*bands, np.log1p(spot_area), near_edge, distance]
+
+
+def _spot_shape_features(green: np.ndarray, red: np.ndarray, mask: np.ndarray, spots: np.ndarray,
+                         weights: np.ndarray, nucleus: np.ndarray) -> list[float]:
+    """Round dots or lines, and where: the spots' mean roundness (ratio of the Hessian's two curvatures of
+    the green channel at 1 px, 1 for a round dot, 0 for a line; weighted by the top-hat), the red stain's
+    mean on the spots over its mean on the cell (a dot at the microtubules' hub scores high), and how
+    many spots sit mostly outside the nucleus."""
+    spots = spots & mask
+    if not spots.any():
+        return [0.0, 1.0, 0.0]
+    smooth = cv2.GaussianBlur(green, (0, 0), 1.0)
+    dxx, dyy = cv2.Sobel(smooth, cv2.CV_32F, 2, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 2)
+    dxy = cv2.Sobel(smooth, cv2.CV_32F, 1, 1)
+    half_trace, spread = (dxx + dyy) / 2, np.sqrt(((dxx - dyy) / 2) ** 2 + dxy ** 2)
+    steep, shallow = half_trace - spread, half_trace + spread  # steep <= shallow; both < 0 on a bright dot
+    roundness = np.clip(shallow / np.minimum(steep, -1e-6), 0.0, 1.0)
+    weight = weights[spots] + 1e-6
+    labels, count = ndimage.label(spots)
+    inside = ndimage.mean(nucleus, labels, np.arange(1, count + 1)) if count else np.zeros(0)
+    return [float((roundness[spots] * weight).sum() / weight.sum()),
+            (red[spots].mean() + 1.0) / (red[mask].mean() + 1.0), np.log1p(int((np.asarray(inside) < 0.5).sum()))]
 
 
 def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -153,6 +177,7 @@ def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
                  np.log1p(np.percentile(crop[..., YELLOW][mask], 99)), np.log1p(quantiles[3]) - np.log1p(blue_q99)]
     features += _layout_features(green, mask, tophat > centre + SPOT_SIGMAS[0] * spread, nucleus, area)
     features += _cell_scale_blobs(filled, mask, area)
+    features += _spot_shape_features(filled, crop[..., RED], mask, tophat > centre + SPOT_SIGMAS[0] * spread, tophat, nucleus)
     return np.asarray(features, np.float32)
 
 
