@@ -62,6 +62,21 @@ def test_spot_shape_tells_dots_from_lines_and_finds_the_red_hub():
     flat, _ = dotted_cell([])
     assert cell_features(flat, mask)[[INDEX["spot_roundness"], INDEX["spot_red_ratio"]]].tolist() == [0, 1]
 
+
+def test_spot_counts_and_sizes_per_compartment():
+    crop, mask = dotted_cell([(15, 15), (26, 26)])  # one single-pixel dot in the nucleus, one outside
+    crop[12:14, 17:19, 1] = 200  # a 2 x 2 dot in the nucleus
+    features = cell_features(crop, mask)
+    assert features[INDEX["log_nuclear_spot_count"]] == pytest.approx(np.log1p(2))
+    assert features[INDEX["log_cytoplasm_spot_count"]] == pytest.approx(np.log1p(1))
+    assert features[INDEX["log_nuclear_spot_mean_area"]] == pytest.approx(np.log1p((1 + 4) / 2))
+    assert features[INDEX["log_cytoplasm_spot_mean_area"]] == pytest.approx(np.log1p(1))
+    nucleus = np.hypot(*(np.mgrid[:30, :30] - 15)) <= 6
+    green_in_nucleus = crop[..., 1][nucleus].astype(float).sum()
+    assert features[INDEX["nuclear_tophat_share"]] == pytest.approx(5 * 150 / green_in_nucleus, rel=1e-4)
+    flat, _ = dotted_cell([])
+    assert cell_features(flat, mask)[INDEX["nuclear_tophat_share"]] == 0
+
 def test_features_separate_dim_from_bright_and_flat_from_dotted():
     flat, mask = dotted_cell([])
     dotted, _ = dotted_cell([(5, 5), (20, 22)])

@@ -33,7 +33,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_blue_q99", "log_red_q99", "log_yellow_q99", "log_green_blue_q99_ratio",
     *(f"depth_band{k}_rel" for k in range(4)), "log_spot_mean_area", "spot_edge_share", "spot_nucleus_distance",
     "log_blob_count_cell_scale", "blob_area_share_cell_scale", "tophat_mass_share_cell_scale",
-    "spot_roundness", "spot_red_ratio", "log_cytoplasm_spot_count")
+    "spot_roundness", "spot_red_ratio", "log_cytoplasm_spot_count", "log_nuclear_spot_count",
+    "log_nuclear_spot_mean_area", "log_cytoplasm_spot_mean_area", "nuclear_tophat_share")
 DEPTH_BANDS = (0.0, 0.2, 0.4, 0.7, 1.0)  # distance to the cell's outline over its largest such distance
 N_FEATURES = len(FEATURE_NAMES)
 
@@ -94,25 +95,31 @@ def _layout_features(green: np.ndarray, mask: np.ndarray, spots: np.ndarray, nuc
 
 
 def _spot_shape_features(green: np.ndarray, red: np.ndarray, mask: np.ndarray, spots: np.ndarray,
-                         weights: np.ndarray, nucleus: np.ndarray) -> list[float]:
+                         tophat: np.ndarray, nucleus: np.ndarray) -> list[float]:
     """Round dots or lines, and where: the spots' mean roundness (ratio of the Hessian's two curvatures of
     the green channel at 1 px, 1 for a round dot, 0 for a line; weighted by the top-hat), the red stain's
-    mean on the spots over its mean on the cell (a dot at the microtubules' hub scores high), and how
-    many spots sit mostly outside the nucleus."""
+    mean on the spots over its mean on the cell (a dot at the microtubules' hub scores high), the count
+    and mean area of the spots in each compartment (a spot is nuclear when most of it is), and the
+    top-hat's share of the nucleus' protein (nucleoli and speckles vs an even nucleoplasm)."""
     spots = spots & mask
+    nuclear_share = float(tophat[nucleus].sum() / (green[nucleus].sum() + 1e-6)) if nucleus.any() else 0.0
     if not spots.any():
-        return [0.0, 1.0, 0.0]
+        return [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, nuclear_share]
     smooth = cv2.GaussianBlur(green, (0, 0), 1.0)
     dxx, dyy = cv2.Sobel(smooth, cv2.CV_32F, 2, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 2)
     dxy = cv2.Sobel(smooth, cv2.CV_32F, 1, 1)
     half_trace, spread = (dxx + dyy) / 2, np.sqrt(((dxx - dyy) / 2) ** 2 + dxy ** 2)
     steep, shallow = half_trace - spread, half_trace + spread  # steep <= shallow; both < 0 on a bright dot
     roundness = np.clip(shallow / np.minimum(steep, -1e-6), 0.0, 1.0)
-    weight = weights[spots] + 1e-6
+    weight = tophat[spots] + 1e-6
     labels, count = ndimage.label(spots)
-    inside = ndimage.mean(nucleus, labels, np.arange(1, count + 1)) if count else np.zeros(0)
+    index = np.arange(1, count + 1)
+    inside = np.asarray(ndimage.mean(nucleus, labels, index)) >= 0.5
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     return [float((roundness[spots] * weight).sum() / weight.sum()),
-            (red[spots].mean() + 1.0) / (red[mask].mean() + 1.0), np.log1p(int((np.asarray(inside) < 0.5).sum()))]
+            (red[spots].mean() + 1.0) / (red[mask].mean() + 1.0), np.log1p(int((~inside).sum())),
+            np.log1p(int(inside.sum())), np.log1p(areas[inside].mean()) if inside.any() else 0.0,
+            np.log1p(areas[~inside].mean()) if (~inside).any() else 0.0, nuclear_share]
 
 
 def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
