@@ -217,3 +217,32 @@ def test_a_large_cell_finds_its_blob_on_the_shrunk_copy():
     features = cell_features(crop, disc)
     assert features[INDEX["log_blob_count_cell_scale"]] == pytest.approx(np.log1p(1))
     assert features[INDEX["blob_area_share_cell_scale"]] == pytest.approx(blob.sum() / disc.sum(), rel=0.25)
+
+
+def test_relabel_targets_by_hand():
+    image_ids = np.array(["a", "a", "a", "b", "b"])
+    predictions = np.zeros((5, NUM_CLASSES))
+    predictions[:, 3] = [0.2, 0.8, 0.4, 0.3, 0.1]
+    predictions[:, 6] = [0.0, 0.0, 0.0, 0.5, 0.25]
+    labels = np.zeros((5, NUM_CLASSES), np.float32)
+    labels[:3, [3, 6]] = 1  # field a is labelled 3 and 6, field b nothing
+    targets = cell_classifier.relabel_targets(predictions, image_ids, labels)
+    assert targets[:, 3] == pytest.approx([0.25, 1.0, 0.5, 0.3, 0.1])  # rescaled in a, kept in b
+    assert targets[:, 6] == pytest.approx([0, 0, 0, 0.5, 0.25])  # no cell of a shows 6: all stay 0
+    assert not targets[:, [0, 1, 2, 4, 5]].any()
+
+
+def test_out_of_fold_predictions_never_see_their_own_image():
+    rng = np.random.default_rng(1)
+    image_ids = np.repeat([f"img{k}" for k in range(6)], 25)
+    features = rng.normal(size=(150, N_FEATURES)).astype(np.float32)
+    targets = np.zeros((150, NUM_CLASSES), np.float32)
+    targets[:, 4] = features[:, 0] > 0
+    before = cell_classifier.out_of_fold_predictions(features, targets, image_ids, n_folds=3, max_iter=20)
+    assert before[:, 4].std() > 0 and (before[:, NEGATIVE] == 0).all()
+    flipped = targets.copy()
+    flipped[image_ids == "img2", 4] = 1 - flipped[image_ids == "img2", 4]  # only img2's targets change
+    after = cell_classifier.out_of_fold_predictions(features, flipped, image_ids, n_folds=3, max_iter=20)
+    own = image_ids == "img2"
+    assert np.array_equal(after[own], before[own])  # img2 is predicted by a model fit without it ...
+    assert not np.allclose(after[~own], before[~own])  # ... which the others' models did see

@@ -7,7 +7,7 @@ import torch
 from src.data.bbox_records import build_record, masked_crop, read_record, record_path, write_record
 from src.data.cache import cache_one
 from src.data.images import read_field
-from src.data.labels import read_label_table
+from src.data.labels import read_label_table, read_label_tables
 from src.data.make_synthetic import write_synthetic_dataset
 from src.data.schema import OutputLayout
 from src.data.synthetic import SyntheticConfig
@@ -111,7 +111,7 @@ def check_feature_model_stage(layout, outputs, selection):
 
     common = ["--dataset", str(layout.root), "--output", str(outputs.root), "--selection", str(selection),
               "--image-label-weight", "0.5", "--no-progress", "--max-iter", "5"]
-    assert train_cell_features.main(common + ["--workers", "2"]) == 0
+    assert train_cell_features.main(common + ["--workers", "2"]) == 0  # relabelling off by default
     classifier = cell_classifier.load(outputs.feature_model_path("cell_features"))
     cells, targets = cellwise.cell_targets(layout, outputs, None, [str(selection)], None, "0.5")
     fields = list(dict.fromkeys(zip(cells["source"], cells["ID"])))
@@ -123,8 +123,20 @@ def check_feature_model_stage(layout, outputs, selection):
     refit = cell_classifier.fit_cell_classifier(features, targets, max_iter=5)  # same data, same seed: same model
     assert np.array_equal(cell_classifier.predict_cell_classifier(refit, features),
                           cell_classifier.predict_cell_classifier(classifier, features))
+    # relabelled targets: from 2-fold out-of-fold predictions, then the same fit
+    assert train_cell_features.main(common + ["--relabel-folds", "2"]) == 0
+    image_ids = cells["ID"].to_numpy()
+    oof = cell_classifier.out_of_fold_predictions(features, targets, image_ids, 2, max_iter=5)
+    labels = cellwise.broadcast_image_labels(image_ids, read_label_tables(layout.train_csv))
+    relabelled = cell_classifier.relabel_targets(oof, image_ids, labels)
+    assert not np.allclose(relabelled, targets)
+    refit = cell_classifier.fit_cell_classifier(features, relabelled, max_iter=5)
+    assert np.array_equal(cell_classifier.predict_cell_classifier(refit, features), cell_classifier.predict_cell_classifier(
+        cell_classifier.load(outputs.feature_model_path("cell_features")), features))
     with pytest.raises(UserInputError, match="image-label-weight"):
         train_cell_features.main(common[:-5] + ["--image-label-weight", "7"])
+    with pytest.raises(UserInputError, match="relabel-folds"):
+        train_cell_features.main(common + ["--relabel-folds", "1"])
 
 
 def test_cell_dataset_items_equal_crops_of_the_decoded_field(tmp_path):

@@ -3,6 +3,11 @@
 A soft target t in [0, 1] is fit as two weighted rows, (x, 1) with weight t and (x, 0) with weight
 1 - t: the log loss of those two rows is the cross-entropy against t. Negative is not fit: like the
 CNN's, it is min over classes of (1 - P_c), applied where the predictions are used.
+
+`relabel_targets` is one multiple-instance step on weak targets: the classifier's out-of-fold
+predictions (folds of whole images) become the targets, and in a field labelled with a class each
+cell's target for it is its prediction over the best prediction among the field's cells, so the
+cells that look least like the class in a field labelled with it stop teaching that they show it.
 """
 from __future__ import annotations
 
@@ -49,6 +54,33 @@ def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0
     for cls, model in zip(classes, fitted):
         models[cls] = model
     return {"format": FORMAT, "feature_names": list(FEATURE_NAMES), "models": models}
+
+
+def out_of_fold_predictions(features: np.ndarray, targets: np.ndarray, image_ids: np.ndarray, n_folds: int = 3,
+                            seed: int = 0, **fit_options) -> np.ndarray:
+    """(N, 19) predictions of each cell by a classifier fit without its image's fold (images are dealt
+    to `n_folds` folds in a seeded random order); `fit_options` go to `fit_cell_classifier`."""
+    images = np.unique(image_ids)
+    fold_of_image = dict(zip(np.random.default_rng(seed).permutation(images), np.arange(len(images)) % n_folds))
+    fold = np.array([fold_of_image[image_id] for image_id in image_ids])
+    predictions = np.zeros((len(features), NUM_CLASSES))
+    for k in range(n_folds):
+        held_out = fold == k
+        if held_out.any() and not held_out.all():
+            classifier = fit_cell_classifier(features[~held_out], targets[~held_out], seed, **fit_options)
+            predictions[held_out] = predict_cell_classifier(classifier, features[held_out])
+    return predictions
+
+
+def relabel_targets(predictions: np.ndarray, image_ids: np.ndarray, image_labels: np.ndarray) -> np.ndarray:
+    """New (N, 19) targets from out-of-fold `predictions`: where the cell's image is labelled with the
+    class (`image_labels` (N, 19), the image's multi-hot label on each of its cells), the prediction
+    over the highest prediction among the image's cells; elsewhere the prediction itself."""
+    _, image_index = np.unique(image_ids, return_inverse=True)
+    best = np.zeros((image_index.max() + 1 if len(image_index) else 0, predictions.shape[1]))
+    np.maximum.at(best, image_index, predictions)
+    relative = predictions / np.maximum(best[image_index], 1e-6)
+    return np.clip(np.where(image_labels > 0, relative, predictions), 0, 1)
 
 
 def predict_cell_classifier(classifier: dict, features: np.ndarray) -> np.ndarray:

@@ -5,7 +5,9 @@
 Every cell of the pseudo-label store gets the descriptors of `src.features.cell_features` (read at the
 field's own resolution from the full-resolution cache) and the cell-level CNN's training targets
 (pseudo-labels, --selection cells set to 1, blended with the image labels by --image-label-weight);
-one classifier per class is fit on all of them (`src.features.cell_classifier`) and saved to
+with --relabel-folds K (off by default), those targets first go through one multiple-instance step
+(`cell_classifier.relabel_targets`: out-of-fold predictions over K folds of images, rescaled within
+each field labelled with the class); one classifier per class is then fit on all cells and saved to
 `{output}/models/{run-name}/feature_model.joblib`. `predict_submission --feature-model` averages its
 predictions with the CNN's. It exists because a CNN trained from scratch on a small dataset's ~1000
 cells does not learn one-to-two-pixel dots, which the descriptors measure directly.
@@ -22,10 +24,11 @@ from tqdm import tqdm
 
 from src.data.bbox_records import read_record, record_path
 from src.data.cache import load_full_resolution
+from src.data.labels import read_label_tables
 from src.data.schema import DatasetLayout, OutputLayout
 from src.features import cell_classifier
 from src.features.cell_features import record_features
-from src.train.train_cellwise import cell_targets
+from src.train.train_cellwise import broadcast_image_labels, cell_targets
 from src.utils.io import UserInputError, run_cli, setup_logging
 
 log = logging.getLogger("hpa.train")
@@ -57,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-label-weight", default="0",
                         help="target = (1 - w) * pseudo-label + w * the image's label, as train_cellwise; or 'auto'")
     parser.add_argument("--public-data", action="store_true", help="public.csv labels for public cells")
+    parser.add_argument("--relabel-folds", type=int, default=0,
+                        help="folds of images for the multiple-instance relabelling of the targets (0: off; see README)")
     parser.add_argument("--max-iter", type=int, default=150, help="boosting rounds per class")
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
@@ -65,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_iter < 1 or not 0 < args.learning_rate <= 1:
         raise UserInputError("--max-iter must be >= 1 and --learning-rate in (0, 1]")
+    if args.relabel_folds == 1 or args.relabel_folds < 0:
+        raise UserInputError("--relabel-folds must be 0 (off) or at least 2")
     return args
 
 
@@ -87,8 +94,15 @@ def main(argv=None) -> int:
     features = np.stack([per_field[(source, image_id)][cell_i]
                          for source, image_id, cell_i in zip(cells["source"], cells["ID"], cells["cell_i"])])
     log.info("descriptors of %d cells in %d fields: %.1f s", len(features), len(fields), time.time() - started)
-    classifier = cell_classifier.fit_cell_classifier(features, targets, args.seed, args.max_iter, args.learning_rate,
-                                                     args.workers)
+    fit_options = {"max_iter": args.max_iter, "learning_rate": args.learning_rate, "workers": args.workers}
+    if args.relabel_folds:
+        image_ids = cells["ID"].to_numpy()
+        oof = cell_classifier.out_of_fold_predictions(features, targets, image_ids, args.relabel_folds, args.seed,
+                                                      **fit_options)
+        table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
+        targets = cell_classifier.relabel_targets(oof, image_ids, broadcast_image_labels(image_ids, table))
+        log.info("targets relabelled from %d-fold out-of-fold predictions: %.1f s", args.relabel_folds, time.time() - started)
+    classifier = cell_classifier.fit_cell_classifier(features, targets, args.seed, **fit_options)
     path = outputs.feature_model_path(args.run_name)
     cell_classifier.save(classifier, path)
     fitted = sum(not isinstance(model, (float, type(None))) for model in classifier["models"])

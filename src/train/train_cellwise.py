@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from src.data.bbox_records import border_weights, masked_crop, read_record, record_path
 from src.data.cache import load_full_resolution
-from src.data.classes import CLASS_NAMES, class_index, class_slug
+from src.data.classes import CLASS_NAMES, NUM_CLASSES, class_index, class_slug
 from src.data.labels import labels_to_multihot, read_label_tables
 from src.data.schema import DatasetLayout, OutputLayout
 from src.predict import pseudo_label_store as store
@@ -75,12 +75,17 @@ def soft_targets(predictions: np.ndarray, image_ids: np.ndarray, cell_indices: n
     return targets
 
 
+def broadcast_image_labels(image_ids: np.ndarray, label_table: pd.DataFrame) -> np.ndarray:
+    """(N, 19) float32: the multi-hot label of each cell's image (0 for images not in the table)."""
+    image_labels = dict(zip(label_table["ID"], labels_to_multihot(label_table["Label"].tolist()).astype(np.float32)))
+    empty = np.zeros(NUM_CLASSES, np.float32)
+    return np.stack([image_labels.get(i, empty) for i in image_ids]) if len(image_ids) else np.zeros((0, NUM_CLASSES), np.float32)
+
+
 def blend_image_labels(targets: np.ndarray, image_ids: np.ndarray, label_table: pd.DataFrame,
                        weight: float) -> np.ndarray:
     """(1 - weight) * targets + weight * the multi-hot label of each cell's image (0 for unknown images)."""
-    image_labels = dict(zip(label_table["ID"], labels_to_multihot(label_table["Label"].tolist()).astype(np.float32)))
-    broadcast = np.stack([image_labels.get(i, np.zeros(targets.shape[1], np.float32)) for i in image_ids])
-    return ((1 - weight) * targets + weight * broadcast).astype(np.float32)
+    return ((1 - weight) * targets + weight * broadcast_image_labels(image_ids, label_table)).astype(np.float32)
 
 
 def auto_image_label_weights(predictions: np.ndarray, image_ids: np.ndarray, label_table: pd.DataFrame,
