@@ -36,10 +36,26 @@ def test_image_context_by_hand():
 
 def test_cellwise_input_tiles_thin_cells_and_pads():
     thin = np.full((10, 40, 1), 7, np.uint8)       # short side under half the long side: tiled 4x
-    assert (cellwise_input(thin, 20) == 7).all()
+    assert (cellwise_input(thin, 20) == 200).all()  # a flat channel: its level becomes the reference
     wide = np.full((30, 40, 1), 7, np.uint8)       # padded to 40x40, centred: 5 zero rows top and bottom
     square = cellwise_input(wide, 40)
-    assert (square[:5] == 0).all() and (square[5:35] == 7).all() and (square[35:] == 0).all()
+    assert (square[:5] == 0).all() and (square[5:35] == 200).all() and (square[35:] == 0).all()
+
+
+def test_cell_inputs_are_scaled_per_channel_to_their_lit_pixels():
+    from src.predict.cell_inputs import normalise_channels
+    crop = np.zeros((10, 10, 3), np.uint8)
+    crop[..., 0] = 10
+    crop[:5, :, 0] = 20                       # channel 0: two levels, 99th percentile 20
+    crop[2:8, 2:8, 1] = 50                    # channel 1: a lit square on zeros; channel 2 all zero
+    out = normalise_channels(crop)
+    assert (out[5:, :, 0] == 100).all() and (out[:5, :, 0] == 200).all()  # ratio kept
+    assert (out[2:8, 2:8, 1] == 200).all() and out[..., 1].sum() == 200 * 36 and not out[..., 2].any()
+    dim, bright = crop // 2, np.minimum(crop.astype(int) * 3, 255).astype(np.uint8)
+    assert np.array_equal(normalise_channels(dim), out) and np.array_equal(normalise_channels(bright), out)
+    hot = crop.copy()
+    hot[0, 0, 1] = 255                        # one hot pixel among 37 lit: above the 99th percentile, clipped
+    assert normalise_channels(hot)[0, 0, 1] == 255
 
 
 def test_scale_shift_view_keeps_shape_and_scale():

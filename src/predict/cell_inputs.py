@@ -33,11 +33,27 @@ def tile_to_square(crop: np.ndarray, size: int) -> np.ndarray:
     return np.tile(crop, reps)[:size, :size]
 
 
+CROP_REFERENCE = 200.0  # grey level each channel's 99th percentile over a cell input's lit pixels is scaled to
+
+
+def normalise_channels(image: np.ndarray) -> np.ndarray:
+    """(h, w, C) uint8 with each channel scaled so that the 99th percentile of its non-zero pixels
+    becomes CROP_REFERENCE (clipped at 255); an all-zero channel stays zero. A dim cell of a dim field
+    and a bright one then look alike to the cell-level model: its patterns, not the field's gain."""
+    out = image.astype(np.float32)
+    for channel in range(out.shape[2]):
+        lit = out[..., channel][out[..., channel] > 0]
+        if lit.size:
+            out[..., channel] *= CROP_REFERENCE / max(float(np.percentile(lit, 99)), 1.0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def cellwise_input(crop: np.ndarray, size: int) -> np.ndarray:
     """Cell-level model input (size, size, C) from a masked cell crop (h, w, C) at full resolution.
 
     A crop whose short side is under half its long side is repeated along the short side (so thin
-    cells fill more of the input), then zero-padded to a centred square and resized to `size`.
+    cells fill more of the input), then zero-padded to a centred square, resized to `size` and each
+    channel scaled by `normalise_channels`.
     """
     height, width = crop.shape[:2]
     if min(height, width) * 2 < max(height, width):
@@ -49,7 +65,7 @@ def cellwise_input(crop: np.ndarray, size: int) -> np.ndarray:
     top, left = (side - height) // 2, (side - width) // 2
     square[top:top + height, left:left + width] = crop
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    return cv2.resize(square, (size, size), interpolation=interpolation).reshape(size, size, -1)
+    return normalise_channels(cv2.resize(square, (size, size), interpolation=interpolation).reshape(size, size, -1))
 
 
 def cell_inputs(field_at_model_scale: np.ndarray, record: BBoxRecord, size: int,
