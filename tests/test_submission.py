@@ -199,3 +199,23 @@ def test_interrupted_run_leaves_the_previous_submission_whole(test_fields, tmp_p
     assert {path.name: path.read_bytes() for path in tmp_path.glob("*.csv")} == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(before)  # no temporary files left
 
+
+
+def test_normalise_channels_equals_the_percentile_reference():
+    from src.predict.cell_inputs import CROP_REFERENCE, normalise_channels
+
+    def reference(image):  # the plain definition: np.percentile over the lit pixels, scale, round
+        out = image.astype(np.float32)
+        for channel in range(out.shape[2]):
+            lit = out[..., channel][out[..., channel] > 0]
+            if lit.size:
+                out[..., channel] *= CROP_REFERENCE / max(float(np.percentile(lit, 99)), 1.0)
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        height, width = rng.integers(1, 50, 2)
+        image = (rng.integers(0, 256, (height, width, 4)) * (rng.random((height, width, 4)) < rng.random())).astype(np.uint8)
+        if trial % 5 == 0:
+            image = np.minimum(image, rng.integers(1, 20)).astype(np.uint8)  # dim crops: the scale > 1 side
+        assert np.array_equal(normalise_channels(image), reference(image))
