@@ -6,8 +6,8 @@ intensity quantiles (absolute, so a dark cell stays dark), nuclear vs cytoplasmi
 cell's bright blue pixels), spots from a white top-hat (count, area, share inside the nucleus), the largest
 bright blob, edge-vs-interior contrast (membrane), correlation with the other three stains, how far the
 protein's centre of mass sits from the nucleus, gradient texture, and the spots' shape (round dots such
-as vesicles vs lines such as mitochondria) and red stain (a dot at the microtubules' hub: centrosome). Lengths are in pixels of the field;
-intensities are grey levels of the uint8 field. Channels are RGBY: red microtubules, green protein, blue
+as vesicles vs lines such as mitochondria), red stain (a dot at the microtubules' hub: centrosome) and
+compartment. Lengths are in pixels of the field; intensities are grey levels of the uint8 field. Channels are RGBY: red microtubules, green protein, blue
 nucleus, yellow ER.
 """
 from __future__ import annotations
@@ -182,9 +182,10 @@ def cell_features(crop: np.ndarray, mask: np.ndarray) -> np.ndarray:
     blue_q99 = np.percentile(blue_in, 99)
     features += [np.log1p(blue_q99), np.log1p(np.percentile(crop[..., RED][mask], 99)),
                  np.log1p(np.percentile(crop[..., YELLOW][mask], 99)), np.log1p(quantiles[3]) - np.log1p(blue_q99)]
-    features += _layout_features(green, mask, tophat > centre + SPOT_SIGMAS[0] * spread, nucleus, area)
+    spots = tophat > centre + SPOT_SIGMAS[0] * spread
+    features += _layout_features(green, mask, spots, nucleus, area)
     features += _cell_scale_blobs(filled, mask, area)
-    features += _spot_shape_features(filled, crop[..., RED], mask, tophat > centre + SPOT_SIGMAS[0] * spread, tophat, nucleus)
+    features += _spot_shape_features(filled, crop[..., RED], mask, spots, tophat, nucleus)
     return np.asarray(features, np.float32)
 
 
