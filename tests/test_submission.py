@@ -150,6 +150,9 @@ def test_feature_model_is_averaged_with_the_cell_model(test_fields, tmp_path):
     columns = [str(c) for c in range(19)]
     plain = pd.read_csv(tmp_path / "plain_cells.csv", dtype={"ID": str})
     mixed = pd.read_csv(tmp_path / "mixed_cells.csv", dtype={"ID": str})
+    # the same pass keeps the CNN's own prediction (the demo report's (d0)); a run without add-ons has no such file
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "mixed_cnn_cells.csv", dtype={"ID": str}), plain)
+    assert not (tmp_path / "plain_cnn_cells.csv").exists()
     for image_id, rows in mixed.groupby("ID"):
         record = read_record(record_path(outputs.bboxes_dir, "test", image_id))
         field = load_full_resolution(layout, "test", image_id, record.image_shape)

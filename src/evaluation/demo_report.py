@@ -58,6 +58,14 @@ def cell_predictions(outputs: OutputLayout, source: str, probabilities: dict[str
     return predictions
 
 
+def cnn_alone(submission_csv: Path) -> dict[str, np.ndarray]:
+    """Per-cell CNN ensemble probabilities (Negative by the submission's rule) that predict_submission wrote
+    beside a submission made with add-ons: the (d0) row, from the same pass as (d)."""
+    table = pd.read_csv(submission_csv.with_name(submission_csv.stem + "_cnn_cells.csv"), dtype={"ID": str})
+    columns = [str(c) for c in range(NUM_CLASSES)]
+    return {image_id: cells.sort_values("cell_i")[columns].to_numpy(np.float64) for image_id, cells in table.groupby("ID")}
+
+
 def broadcast(outputs: OutputLayout, source: str, labels: dict[str, str]) -> dict[str, np.ndarray]:
     """Each image's labels as probability 1 on every one of its cells."""
     result = {}
@@ -120,8 +128,7 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     demo_dir = outputs.root / "demo"
     demo_dir.mkdir(parents=True, exist_ok=True)
     common = ["--dataset", str(layout.root), "--output-dir", str(outputs.root), "--folds", args.folds, "--overlays", "0"]
-    image_level_csv, cellwise_csv, cnn_csv = (demo_dir / "b_image_level_per_cell.csv", demo_dir / "d_cellwise.csv",
-                                              demo_dir / "d0_cnn_alone.csv")
+    image_level_csv, cellwise_csv = demo_dir / "b_image_level_per_cell.csv", demo_dir / "d_cellwise.csv"
     submission_main(common + ["--run-name", args.image_run, "--input-style", "image-level", "--tta", "identity",
                               "--img-size", str(args.image_size), "--out", str(image_level_csv)])
     cell_flags = ["--run-name", args.cell_run, "--img-size", str(args.cell_size), "--checkpoint", args.cell_checkpoint]
@@ -131,8 +138,6 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
                     if use_features else []) + ["--image-context", str(args.image_context)]
     submission_main(common + cell_flags + add_on_flags + ["--out", str(cellwise_csv)])
     add_ons = use_features or args.image_context > 0
-    if add_ons:
-        submission_main(common + cell_flags + ["--out", str(cnn_csv)])
 
     test_truth = load_truth(layout.truth_dir, "test")
     train_truth = load_truth(layout.truth_dir, "train")
@@ -147,7 +152,8 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     broadcast_test = cell_predictions(outputs, "test", broadcast(outputs, "test", test_labels))
     cellwise_test = submission(cellwise_csv)
     test_scores = {"a": score(broadcast_test, test_truth), "b": score(submission(image_level_csv), test_truth),
-                   **({"d0": score(submission(cnn_csv), test_truth)} if add_ons else {}),
+                   **({"d0": score(cell_predictions(outputs, "test", cnn_alone(cellwise_csv)), test_truth)}
+                      if add_ons else {}),
                    "d": score(cellwise_test, test_truth), "e": score(submission(outputs.root / "submission.csv"), test_truth)}
     train_scores = {
         "a": score(cell_predictions(outputs, "train", broadcast(outputs, "train", dict(zip(noisy["ID"], noisy["Label"])))),

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         log.info("segmenting %d test fields without bbox records", len(missing))
         failures, _, _ = generate(layout, records_dir, "test", dict(backend="classical", work_size=512))
         failed.update(dict(failures))
-    rows, cell_rows = [], []
+    rows, cell_rows, cnn_rows = [], [], []
     for index, test in enumerate(tqdm(tests.itertuples(index=False), total=len(tests), desc="test fields")):
         image_id = test.ID
         width, height = test.ImageWidth, test.ImageHeight
@@ -217,6 +217,8 @@ def main(argv=None) -> int:
             probabilities = ensemble_predict(models, cell_model_inputs(layout, image_id, record, args.input_style,
                                                                        args.img_size, field=field),
                                              views, args.batch_size, device)
+            cnn_alone = probabilities.copy()
+            cnn_alone[:, NEGATIVE] = negative_probability(cnn_alone, args.negative)
             if feature_model is not None and record.n_cells:
                 described = cell_classifier.predict_cell_classifier(feature_model, record_features(np.asarray(field), record))
                 probabilities = (1 - args.feature_weight) * probabilities + args.feature_weight * described
@@ -235,13 +237,16 @@ def main(argv=None) -> int:
         confidences = probabilities * border_weights(record.border_fractions, args.border_down_weight)[:, None]
         rows.append((image_id, width, height, prediction_string(record.cell_mask, confidences)))
         cell_rows += [(image_id, cell_i, *probabilities[cell_i]) for cell_i in range(record.n_cells)]
+        cnn_rows += [(image_id, cell_i, *cnn_alone[cell_i]) for cell_i in range(record.n_cells)]
         if index < args.overlays:
             draw_overlay(load_full_resolution(layout, "test", image_id, record.image_shape) if field is None else field,
                          record.cell_mask, probabilities,
                          out.parent / f"{out.stem}_overlays" / f"{image_id}.png")
     write_csv_atomic(pd.DataFrame(rows, columns=["ID", "ImageWidth", "ImageHeight", "PredictionString"]), out)
-    write_csv_atomic(pd.DataFrame(cell_rows, columns=["ID", "cell_i", *[str(c) for c in range(NUM_CLASSES)]]),
-                     out.with_name(out.stem + "_cells.csv"))
+    cell_columns = ["ID", "cell_i", *[str(c) for c in range(NUM_CLASSES)]]
+    write_csv_atomic(pd.DataFrame(cell_rows, columns=cell_columns), out.with_name(out.stem + "_cells.csv"))
+    if feature_model is not None or fusion_models or args.image_context > 0:  # what the add-ons changed
+        write_csv_atomic(pd.DataFrame(cnn_rows, columns=cell_columns), out.with_name(out.stem + "_cnn_cells.csv"))
     if failed:
         write_csv_atomic(pd.DataFrame(sorted(failed.items()), columns=["ID", "error"]),
                          out.with_name(out.stem + "_failed.csv"))
