@@ -156,7 +156,7 @@ def test_cell_dataset_items_equal_crops_of_the_decoded_field(tmp_path):
         field = read_field(layout.image_dir("train"), row.ID)
         return cellwise_input(masked_crop(field, record, row.cell_i), 40).transpose(2, 0, 1)
 
-    dataset = cellwise.CellDataset(layout, outputs.bboxes_dir, cells, targets, img_size=40)
+    dataset = cellwise.CellDataset(layout, outputs.bboxes_dir, cells, targets, img_size=40, memory_budget=0)
     for index, row in enumerate(cells.itertuples()):  # no cache: decoded from the PNGs
         np.testing.assert_array_equal(dataset[index][0].numpy(), expected(row))
     for image_id in table["ID"]:  # the same through the memory-mapped 96-px cache
@@ -164,6 +164,41 @@ def test_cell_dataset_items_equal_crops_of_the_decoded_field(tmp_path):
     assert all(layout.cache_path(96, image_id).is_file() for image_id in table["ID"])
     for index, row in enumerate(cells.itertuples()):
         np.testing.assert_array_equal(dataset[index][0].numpy(), expected(row))
+
+
+def test_cell_inputs_held_in_memory_equal_the_ones_cut_per_item(tmp_path):
+    """Within the memory budget the inputs are computed once, on construction: the items (augmented,
+    over several epochs) equal those of a dataset that cuts every crop again, and the images' files
+    are no longer read."""
+    layout = write_synthetic_dataset(tmp_path / "data", 2, 0, SyntheticConfig(image_size=80, cells_min=3, cells_max=4), 9)
+    outputs = OutputLayout(tmp_path / "output")
+    cells = []
+    for image_id in read_label_table(layout.train_csv)["ID"]:
+        mask = cv2.imread(str(layout.truth_mask_path(image_id)), cv2.IMREAD_UNCHANGED)
+        write_record(record_path(outputs.bboxes_dir, "train", image_id), build_record(image_id, mask))
+        cells += [(image_id, cell_i, "train") for cell_i in range(int(mask.max()))]
+    cells = pd.DataFrame(cells, columns=["ID", "cell_i", "source"])
+    targets = np.random.default_rng(0).random((len(cells), 19)).astype(np.float32)
+    options = {"img_size": 24, "augment": True, "seed": 3, "border_down_weight": 0.5}
+    per_item = cellwise.CellDataset(layout, outputs.bboxes_dir, cells, targets, memory_budget=0, **options)
+    held = cellwise.CellDataset(layout, outputs.bboxes_dir, cells, targets, memory_budget=1 << 20, **options)
+    assert held._inputs is not None and held._inputs.shape == (len(cells), 24, 24, 4) and per_item._inputs is None
+    keys = [(index, epoch) for epoch in range(3) for index in range(len(cells))]
+    expected = [per_item[key] for key in keys]
+    for path in layout.image_dir("train").iterdir():
+        path.unlink()  # the held inputs need no image file any more
+    with pytest.raises(cellwise.SampleReadError):
+        per_item[keys[0]]
+    flips = set()
+    for key, (image, target, index) in zip(keys, expected):
+        held_image, held_target, held_index = held[key]
+        np.testing.assert_array_equal(held_image.numpy(), image.numpy())
+        np.testing.assert_array_equal(held_target.numpy(), target.numpy())
+        assert held_index == index and target.shape == (20,)
+        flips.add(cellwise.dihedral_index(3, key[1], key[0]))
+    assert len(flips) > 1  # the augmentation did act on the held inputs
+    small = cellwise.CellDataset(layout, outputs.bboxes_dir, cells.iloc[:0], targets[:0], memory_budget=1 << 20, **options)
+    assert small._inputs is None and len(small) == 0
 
 
 def test_border_weighted_loss_scales_each_cells_gradient_only():

@@ -19,6 +19,7 @@ src.train.train_bestfitting.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -46,6 +47,9 @@ SELECT_BY = {"binned-accuracy": ("val_binned_accuracy", "max"), "loss": ("val_fo
              "map": ("val_map", "max")}
 SOURCE_NAMES = {code: name for name, code in store.SOURCE_CODES.items()}
 AUTO_WEIGHT_FLOOR = 0.5  # --image-label-weight auto never goes below the demo's fixed weight
+# Cell inputs are held in memory, computed once instead of every epoch, when all of a dataset's fit in
+# this many bytes (the demo's ~3000 cells at 64 px: 50 MB); larger sets are cut from the cache per item.
+INPUT_MEMORY_BYTES = 2 << 30
 
 
 def binned_accuracy(predictions: np.ndarray, targets: np.ndarray, width: float = 0.05) -> float:
@@ -138,17 +142,26 @@ class BorderWeightedLoss(torch.nn.Module):
 
 class CellDataset(Dataset):
     """Cell crops as cell-level inputs; (image, target, index) for keys (index, epoch). With
-    `border_down_weight` > 0 the target gains a last column, the cell's weight for BorderWeightedLoss."""
+    `border_down_weight` > 0 the target gains a last column, the cell's weight for BorderWeightedLoss.
+    When all inputs fit in `memory_budget` bytes they are computed once, on construction."""
 
     def __init__(self, layout: DatasetLayout, bboxes_dir: Path, cells: pd.DataFrame, targets: np.ndarray,
                  img_size: int, augment: bool = False, seed: int = 0, in_channels: int = 4,
-                 border_down_weight: float = 0.0):
+                 border_down_weight: float = 0.0, memory_budget: int = INPUT_MEMORY_BYTES):
         self.layout, self.bboxes_dir, self.img_size = layout, bboxes_dir, img_size
         self.augment, self.seed, self.in_channels = augment, seed, in_channels
         self.border_down_weight = border_down_weight
         self.ids, self.cell_i, self.sources = cells["ID"].tolist(), cells["cell_i"].tolist(), cells["source"].tolist()
         self.targets = targets.astype(np.float32)
         self._records: OrderedDict = OrderedDict()
+        self._inputs: np.ndarray | None = None
+        if 0 < len(self) * img_size * img_size * in_channels <= memory_budget:
+            # built before the DataLoader forks its workers, which then share it
+            started = time.time()
+            self._inputs = np.stack([self._input(index) for index in range(len(self))])
+            self._records.clear()
+            log.info("%d cell inputs held in memory (%.0f MB, %.1f s)", len(self), self._inputs.nbytes / 1e6,
+                     time.time() - started)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -162,8 +175,8 @@ class CellDataset(Dataset):
                 self._records.popitem(last=False)
         return self._records[key]
 
-    def __getitem__(self, key: int | tuple[int, int]):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+    def _input(self, index: int) -> np.ndarray:
+        """The un-augmented (S, S, C) input of cell `index`."""
         try:
             record = self._record(self.sources[index], self.ids[index])
             field = load_full_resolution(self.layout, self.sources[index], self.ids[index], record.image_shape,
@@ -171,12 +184,16 @@ class CellDataset(Dataset):
         except SAMPLE_READ_ERRORS as error:
             raise SampleReadError(f"{self.sources[index]} image {self.ids[index]} (cell {self.cell_i[index]}): "
                                   f"{error}") from None
-        image = cellwise_input(masked_crop(field, record, self.cell_i[index]), self.img_size)[..., :self.in_channels]
+        return cellwise_input(masked_crop(field, record, self.cell_i[index]), self.img_size)[..., :self.in_channels]
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        image = self._input(index) if self._inputs is None else self._inputs[index]
         if self.augment:
             image = dihedral(image, dihedral_index(self.seed, epoch, index))
         target = self.targets[index]
         if self.border_down_weight:
-            fraction = record.border_fractions[self.cell_i[index]]
+            fraction = self._record(self.sources[index], self.ids[index]).border_fractions[self.cell_i[index]]
             target = np.append(target, border_weights(fraction, self.border_down_weight)).astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(target), index
 
