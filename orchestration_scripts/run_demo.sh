@@ -10,7 +10,7 @@ export N_FOLDS=${N_FOLDS:-3} WORKERS=${WORKERS:-2} ARCH=${ARCH:-densenet_small}
 export IMAGE_SIZE=${IMAGE_SIZE:-128} FULL_CACHE_SIZE=${FULL_CACHE_SIZE:-native} CELL_SIZE=${CELL_SIZE:-64} BATCH=${BATCH:-8} CELL_BATCH=${CELL_BATCH:-16}
 export ACCUM=${ACCUM:-2} CELL_ACCUM=${CELL_ACCUM:-2} SCHEDULER=${SCHEDULER:-Cosine}
 export LR_MULT=${LR_MULT:-200} CELL_LR_MULT=${CELL_LR_MULT:-300} IMAGE_EPOCHS=${IMAGE_EPOCHS:-40}
-export CELL_EPOCHS=${CELL_EPOCHS:-20} KNN=${KNN:-30} EIGEN=${EIGEN:-20} SELECT_ABOVE=${SELECT_ABOVE:-}
+export CELL_EPOCHS=${CELL_EPOCHS:-12} KNN=${KNN:-30} EIGEN=${EIGEN:-20} SELECT_ABOVE=${SELECT_ABOVE:-}
 export TRAIN_FLAGS=${TRAIN_FLAGS:---init-weights none}
 # 160 training fields make a weak image-level model, so its pseudo-labels alone teach the cell models
 # little; the demo blends them half and half with the image labels (0 = the reference's recipe).

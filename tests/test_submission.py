@@ -166,6 +166,52 @@ def test_feature_model_is_averaged_with_the_cell_model(test_fields, tmp_path):
             run(layout, outputs, tmp_path / "bad.csv", "--feature-model", str(model_path), flag, "2")
 
 
+def test_demo_report_reuses_the_pipelines_submission_only_with_the_same_settings(test_fields, tmp_path):
+    """The pipeline's flags (fusion off) and the report's (no overlays, explicit checkpoint) predict the
+    same, so the report copies the submission: equal to predicting again. Another weight, context or
+    a retrained model file is not reused."""
+    import os
+
+    from src.evaluation.demo_report import reuse_submission
+    from src.features import cell_classifier
+    from src.features.cell_features import N_FEATURES
+
+    layout, outputs = test_fields
+    rng = np.random.default_rng(1)
+    targets = np.zeros((40, 19), np.float32)
+    targets[:, 2] = rng.uniform(size=40)
+    model_path = tmp_path / "feature_model.joblib"
+    cell_classifier.save(cell_classifier.fit_cell_classifier(rng.normal(size=(40, N_FEATURES)), targets, max_iter=5),
+                         model_path)
+    pipeline_csv = tmp_path / "submission.csv"
+    add_ons = ["--feature-model", str(model_path), "--feature-weight", "0.5", "--image-context", "0.5"]
+    assert run(layout, outputs, pipeline_csv, "--fusion-run", "cells", "--fusion-img-size", "64", "--fusion-weight", "0",
+               *add_ons) == 0
+    assert predict_submission.settings_path(pipeline_csv).is_file()
+    report_argv = ["--dataset", str(layout.root), "--output-dir", str(outputs.root), "--folds", "0,1", "--overlays", "0",
+                   "--run-name", "cells", "--img-size", "32", "--checkpoint", "best.pth"]
+    copied = tmp_path / "demo" / "d.csv"
+    copied.parent.mkdir()
+    assert reuse_submission(report_argv + add_ons, pipeline_csv, copied)
+    assert submission_main(report_argv + add_ons + ["--out", str(tmp_path / "again.csv")]) == 0
+    for suffix in ("", "_cells", "_cnn_cells"):
+        assert (tmp_path / f"demo/d{suffix}.csv").read_bytes() == (tmp_path / f"again{suffix}.csv").read_bytes()
+    other = tmp_path / "other.csv"
+    assert not reuse_submission(report_argv + add_ons[:3] + ["0.25", *add_ons[4:]], pipeline_csv, other)
+    assert not reuse_submission(report_argv + add_ons[:5] + ["0"], pipeline_csv, other)
+    checkpoint = outputs.model_dir("cells", 1) / "best.pth"
+    stat = checkpoint.stat()
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a retrained fold model
+    try:
+        assert not reuse_submission(report_argv + add_ons, pipeline_csv, other)
+    finally:
+        os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert reuse_submission(report_argv + add_ons, pipeline_csv, other)
+    predict_submission.settings_path(pipeline_csv).unlink()  # as an interrupted rerun leaves it
+    assert not reuse_submission(report_argv + add_ons, pipeline_csv, tmp_path / "third.csv")
+    assert not (tmp_path / "third.csv").exists()
+
+
 def test_corrupt_field_is_reported_and_the_rest_written(test_fields, tmp_path):
     layout, outputs = test_fields
     tests = pd.read_csv(layout.test_csv, dtype={"ID": str})
@@ -222,3 +268,4 @@ def test_normalise_channels_equals_the_percentile_reference():
         if trial % 5 == 0:
             image = np.minimum(image, rng.integers(1, 20)).astype(np.uint8)  # dim crops: the scale > 1 side
         assert np.array_equal(normalise_channels(image), reference(image))
+

@@ -18,7 +18,9 @@ interval from a paired bootstrap over the test images. `per_class_ap.png`: per-c
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,9 @@ from src.evaluation.cell_map import (Prediction, bootstrap_map_difference, cell_
 from src.evaluation.demo_figure import plot_per_class_ap
 from src.evaluation.rle import label_mask_to_rles
 from src.predict import pseudo_label_store as store
+from src.predict.predict_submission import build_parser as build_submission_parser
 from src.predict.predict_submission import main as submission_main
-from src.predict.predict_submission import negative_probability
+from src.predict.predict_submission import negative_probability, prediction_settings, settings_path
 from src.utils.io import UserInputError, atomic_path, run_cli, setup_logging
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,26 @@ def pseudo_label_probabilities(outputs: OutputLayout, selection: Path | None,
     return plain, added
 
 
+def reuse_submission(argv: list[str], pipeline_csv: Path, out_csv: Path) -> bool:
+    """Copy the pipeline's submission (and its per-cell files) to `out_csv` when predict_submission with
+    `argv` would predict the same (equal `prediction_settings`, no fusion); False when it would not."""
+    written = settings_path(pipeline_csv)
+    if not written.is_file():
+        return False
+    wanted = prediction_settings(build_submission_parser().parse_args(argv + ["--out", str(pipeline_csv)]))
+    try:
+        same = json.loads(written.read_text()) == json.loads(json.dumps(wanted))
+    except ValueError:
+        return False
+    companions = [pipeline_csv.with_name(pipeline_csv.stem + suffix) for suffix in ("_cells.csv", "_cnn_cells.csv")]
+    if not same or "fusion" in wanted or not all(path.is_file() for path in [pipeline_csv, *companions]):
+        return False
+    for source, suffix in zip([pipeline_csv, *companions], ("", "_cells", "_cnn_cells")):
+        shutil.copyfile(source, out_csv.with_name(out_csv.stem + suffix + ".csv"))
+    log.info("(d) is the pipeline's %s (same settings): reused, not predicted again", pipeline_csv)
+    return True
+
+
 def score(predictions: list[Prediction], truth) -> tuple[float, pd.DataFrame]:
     table = cell_map(predictions, truth)
     return mean_ap(table), table
@@ -136,7 +159,8 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     use_features = feature_model.is_file() and args.feature_weight > 0
     add_on_flags = (["--feature-model", str(feature_model), "--feature-weight", str(args.feature_weight)]
                     if use_features else []) + ["--image-context", str(args.image_context)]
-    submission_main(common + cell_flags + add_on_flags + ["--out", str(cellwise_csv)])
+    if not reuse_submission(common + cell_flags + add_on_flags, outputs.root / "submission.csv", cellwise_csv):
+        submission_main(common + cell_flags + add_on_flags + ["--out", str(cellwise_csv)])
     add_ons = use_features or args.image_context > 0
 
     test_truth = load_truth(layout.truth_dir, "test")

@@ -22,6 +22,7 @@ field that cannot be read is listed in `submission_failed.csv` and gets an empty
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def test_table(layout: DatasetLayout) -> pd.DataFrame:
     return pd.DataFrame({"ID": ids, "ImageWidth": np.nan, "ImageHeight": np.nan})
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="input/synthetic", help="dataset with test.csv and test/")
     parser.add_argument("--output-dir", default="output")
@@ -175,7 +176,46 @@ def main(argv=None) -> int:
     parser.add_argument("--overlays", type=int, default=4, help="overlay PNGs for the first N fields")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="submission CSV (default: {output}/submission.csv)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+# Flags that change no prediction: left out of a submission's settings.
+NOT_SETTINGS = ("out", "overlays", "batch_size", "device")
+
+
+def _file_stamp(path: Path) -> list:
+    stat = path.stat() if path.is_file() else None
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns] if stat else [str(path), None, None]
+
+
+def prediction_settings(args: argparse.Namespace) -> dict:
+    """What a submission's cell probabilities depend on: the flags that change them (paths resolved;
+    fusion's flags only when fusion is on) and the size and time of every model file read. Two runs
+    with equal settings over the same bbox records predict the same (demo_report reuses a submission)."""
+    settings = {key: value for key, value in sorted(vars(args).items()) if key not in NOT_SETTINGS}
+    outputs = OutputLayout(args.output_dir)
+    folds = [int(f) for f in str(args.folds).split(",")]
+    settings["dataset"], settings["output_dir"] = str(Path(args.dataset).resolve()), str(outputs.root.resolve())
+    settings["models"] = [_file_stamp(outputs.model_dir(args.run_name, fold) / args.checkpoint) for fold in folds]
+    fused = args.fusion_weights is not None or args.fusion_weight > 0
+    for key in ("fusion_run", "fusion_img_size", "fusion_weight", "fusion_weights"):
+        settings.pop(key)
+    if fused:
+        settings["fusion"] = [args.fusion_run, args.fusion_img_size, args.fusion_weight] + (
+            [_file_stamp(Path(args.fusion_weights))] if args.fusion_weights else []) + [
+            _file_stamp(outputs.model_dir(args.fusion_run, fold) / args.checkpoint) for fold in folds]
+    settings["feature_model"] = _file_stamp(Path(args.feature_model)) if args.feature_model else None
+    if not args.feature_model:
+        settings.pop("feature_weight")
+    return settings
+
+
+def settings_path(submission_csv: Path) -> Path:
+    return submission_csv.with_name(submission_csv.stem + "_settings.json")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging()
     layout, outputs = DatasetLayout(args.dataset), OutputLayout(args.output_dir)
     views = tuple(v.strip() for v in args.tta.split(",") if v.strip())
@@ -190,6 +230,7 @@ def main(argv=None) -> int:
         raise UserInputError("--feature-weight and --image-context must be in [0, 1]")
     feature_model = cell_classifier.load(args.feature_model) if args.feature_model else None
     out = Path(args.out) if args.out else outputs.root / "submission.csv"
+    settings_path(out).unlink(missing_ok=True)  # until this run's files are all written
     device = torch.device(args.device)
     folds = [int(f) for f in args.folds.split(",")]
     models = load_ensemble(outputs, args.run_name, folds, args.checkpoint, device)
@@ -247,6 +288,9 @@ def main(argv=None) -> int:
     write_csv_atomic(pd.DataFrame(cell_rows, columns=cell_columns), out.with_name(out.stem + "_cells.csv"))
     if feature_model is not None or fusion_models or args.image_context > 0:  # what the add-ons changed
         write_csv_atomic(pd.DataFrame(cnn_rows, columns=cell_columns), out.with_name(out.stem + "_cnn_cells.csv"))
+    if not failed:
+        with atomic_path(settings_path(out)) as tmp:  # written last: its presence vouches for the files above
+            tmp.write_text(json.dumps(prediction_settings(args), indent=1) + "\n")
     if failed:
         write_csv_atomic(pd.DataFrame(sorted(failed.items()), columns=["ID", "error"]),
                          out.with_name(out.stem + "_failed.csv"))
