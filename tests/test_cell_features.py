@@ -144,6 +144,21 @@ def test_soft_targets_are_fit_as_their_mean_and_labels_are_learnt():
         cell_classifier.fit_cell_classifier(features[:, :5], hard)
 
 
+def test_each_leaf_holds_at_least_the_given_cells():
+    """More than half the cells per leaf: no split is allowed, so every cell gets the mean target; a
+    small minimum learns the class. Each cell is two rows of the trees (its target and 1 - it)."""
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(300, N_FEATURES)).astype(np.float32)
+    hard = np.zeros((300, NUM_CLASSES), np.float32)
+    hard[:, 5] = features[:, 7] > 0.3
+    unsplit = cell_classifier.fit_cell_classifier(features, hard, max_iter=30, min_cells_per_leaf=151)
+    assert unsplit["models"][5].min_samples_leaf == 302
+    assert cell_classifier.predict_cell_classifier(unsplit, features)[:, 5] == pytest.approx(hard[:, 5].mean(), abs=1e-3)
+    learnt = cell_classifier.predict_cell_classifier(
+        cell_classifier.fit_cell_classifier(features, hard, max_iter=30, min_cells_per_leaf=20), features)
+    assert learnt[hard[:, 5] == 1, 5].min() > learnt[hard[:, 5] == 0, 5].max()
+
+
 def test_saved_model_round_trip_and_bad_files(tmp_path):
     rng = np.random.default_rng(1)
     features = rng.normal(size=(80, N_FEATURES)).astype(np.float32)

@@ -25,21 +25,27 @@ from src.utils.io import UserInputError, atomic_path
 
 FORMAT = 1
 MIN_TARGET = 0.05  # a class whose targets stay within this of 0 (or of 1) has nothing to learn: its mean
+# Each leaf holds at least this many cells: weak targets of a class seen in a few fields are not
+# memorised cell by cell. 60 chosen on style 1 among 5, 20, 40, 60, 80, 120 (README); at 5 the trees
+# gave single cells of other classes confident scores that drowned the CNN's sharp ones.
+MIN_CELLS_PER_LEAF = 60
 
 
-def _fit_one(features: np.ndarray, target: np.ndarray, seed: int, max_iter: int,
-             learning_rate: float) -> HistGradientBoostingClassifier:
+def _fit_one(features: np.ndarray, target: np.ndarray, seed: int, max_iter: int, learning_rate: float,
+             min_cells_per_leaf: int) -> HistGradientBoostingClassifier:
+    # a cell is two rows with equal features, so they share every leaf: rows per leaf = 2 x cells
     model = HistGradientBoostingClassifier(max_iter=max_iter, learning_rate=learning_rate, max_leaf_nodes=15,
-                                           min_samples_leaf=10, l2_regularization=1.0, early_stopping=False,
-                                           random_state=seed)
+                                           min_samples_leaf=2 * min_cells_per_leaf, l2_regularization=1.0,
+                                           early_stopping=False, random_state=seed)
     outcome = np.r_[np.ones(len(features)), np.zeros(len(features))]
     return model.fit(np.concatenate([features, features]), outcome, sample_weight=np.r_[target, 1 - target] + 1e-6)
 
 
 def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0, max_iter: int = 150,
-                        learning_rate: float = 0.05, workers: int = 1) -> dict:
+                        learning_rate: float = 0.05, workers: int = 1,
+                        min_cells_per_leaf: int = MIN_CELLS_PER_LEAF) -> dict:
     """One classifier per class from (N, F) features and (N, 19) soft targets, `workers` classes at a
-    time; Negative is None, and a class whose targets never leave [0, MIN_TARGET) or (1 - MIN_TARGET, 1]
+    time, each tree leaf holding at least `min_cells_per_leaf` cells; Negative is None, and a class whose targets never leave [0, MIN_TARGET) or (1 - MIN_TARGET, 1]
     is its mean target (a float). The result is what `predict_cell_classifier` and `save` take."""
     if features.ndim != 2 or features.shape[1] != len(FEATURE_NAMES) or len(features) != len(targets):
         raise ValueError(f"features {features.shape} and targets {targets.shape} do not match "
@@ -48,7 +54,8 @@ def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0
     classes = [cls for cls in range(NUM_CLASSES) if cls != NEGATIVE and clipped[:, cls].max() >= MIN_TARGET
                and clipped[:, cls].min() <= 1 - MIN_TARGET]
     fitted = Parallel(n_jobs=max(workers, 1))(
-        delayed(_fit_one)(features, clipped[:, cls], seed, max_iter, learning_rate) for cls in classes)
+        delayed(_fit_one)(features, clipped[:, cls], seed, max_iter, learning_rate, min_cells_per_leaf)
+        for cls in classes)
     models: list[HistGradientBoostingClassifier | float | None] = [
         None if cls == NEGATIVE else float(clipped[:, cls].mean()) if len(clipped) else 0.0 for cls in range(NUM_CLASSES)]
     for cls, model in zip(classes, fitted):

@@ -64,12 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folds of images for the multiple-instance relabelling of the targets (0: off; see README)")
     parser.add_argument("--max-iter", type=int, default=150, help="boosting rounds per class")
     parser.add_argument("--learning-rate", type=float, default=0.05)
+    parser.add_argument("--min-cells-per-leaf", type=int, default=cell_classifier.MIN_CELLS_PER_LEAF,
+                        help="cells each tree leaf holds at least (regularises classes seen in few fields)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes computing the descriptors and fitting the classes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.max_iter < 1 or not 0 < args.learning_rate <= 1:
-        raise UserInputError("--max-iter must be >= 1 and --learning-rate in (0, 1]")
+    if args.max_iter < 1 or not 0 < args.learning_rate <= 1 or args.min_cells_per_leaf < 1:
+        raise UserInputError("--max-iter and --min-cells-per-leaf must be >= 1 and --learning-rate in (0, 1]")
     if args.relabel_folds == 1 or args.relabel_folds < 0:
         raise UserInputError("--relabel-folds must be 0 (off) or at least 2")
     return args
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
     features = np.stack([per_field[(source, image_id)][cell_i]
                          for source, image_id, cell_i in zip(cells["source"], cells["ID"], cells["cell_i"])])
     log.info("descriptors of %d cells in %d fields: %.1f s", len(features), len(fields), time.time() - started)
-    fit_options = {"max_iter": args.max_iter, "learning_rate": args.learning_rate, "workers": args.workers}
+    fit_options = {"max_iter": args.max_iter, "learning_rate": args.learning_rate, "workers": args.workers,
+                   "min_cells_per_leaf": args.min_cells_per_leaf}
     if args.relabel_folds:
         image_ids = cells["ID"].to_numpy()
         oof = cell_classifier.out_of_fold_predictions(features, targets, image_ids, args.relabel_folds, args.seed,
