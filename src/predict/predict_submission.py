@@ -18,6 +18,7 @@ border rank lower; submission_cells.csv keeps the model's probabilities.
 Writes `submission.csv` (ID,ImageWidth,ImageHeight,PredictionString of `class confidence mask`
 triples), `submission_cells.csv` (ID,cell_i,19 probabilities) and `submission_overlays/*.png`; a
 field that cannot be read is listed in `submission_failed.csv` and gets an empty prediction string.
+`submission_settings.json`, written last, records what the predictions depend on (`prediction_settings`).
 """
 from __future__ import annotations
 
