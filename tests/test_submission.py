@@ -268,4 +268,3 @@ def test_normalise_channels_equals_the_percentile_reference():
         if trial % 5 == 0:
             image = np.minimum(image, rng.integers(1, 20)).astype(np.uint8)  # dim crops: the scale > 1 side
         assert np.array_equal(normalise_channels(image), reference(image))
-

@@ -102,7 +102,7 @@ def pseudo_label_probabilities(outputs: OutputLayout, selection: Path | None,
 
 def reuse_submission(argv: list[str], pipeline_csv: Path, out_csv: Path) -> bool:
     """Copy the pipeline's submission (and its per-cell files) to `out_csv` when predict_submission with
-    `argv` would predict the same (equal `prediction_settings`, no fusion); False when it would not."""
+    `argv` would predict the same (equal `prediction_settings`); False when it would not."""
     written = settings_path(pipeline_csv)
     if not written.is_file():
         return False
@@ -111,10 +111,11 @@ def reuse_submission(argv: list[str], pipeline_csv: Path, out_csv: Path) -> bool
         same = json.loads(written.read_text()) == json.loads(json.dumps(wanted))
     except ValueError:
         return False
-    companions = [pipeline_csv.with_name(pipeline_csv.stem + suffix) for suffix in ("_cells.csv", "_cnn_cells.csv")]
-    if not same or "fusion" in wanted or not all(path.is_file() for path in [pipeline_csv, *companions]):
+    suffixes = ("", "_cells", "_cnn_cells")
+    sources = [pipeline_csv.with_name(pipeline_csv.stem + suffix + ".csv") for suffix in suffixes]
+    if not same or not all(path.is_file() for path in sources):
         return False
-    for source, suffix in zip([pipeline_csv, *companions], ("", "_cells", "_cnn_cells")):
+    for source, suffix in zip(sources, suffixes):
         shutil.copyfile(source, out_csv.with_name(out_csv.stem + suffix + ".csv"))
     log.info("(d) is the pipeline's %s (same settings): reused, not predicted again", pipeline_csv)
     return True

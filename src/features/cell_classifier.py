@@ -45,8 +45,9 @@ def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0
                         learning_rate: float = 0.05, workers: int = 1,
                         min_cells_per_leaf: int = MIN_CELLS_PER_LEAF) -> dict:
     """One classifier per class from (N, F) features and (N, 19) soft targets, `workers` classes at a
-    time, each tree leaf holding at least `min_cells_per_leaf` cells; Negative is None, and a class whose targets never leave [0, MIN_TARGET) or (1 - MIN_TARGET, 1]
-    is its mean target (a float). The result is what `predict_cell_classifier` and `save` take."""
+    time, each tree leaf holding at least `min_cells_per_leaf` cells; Negative is None, and a class
+    whose targets never leave [0, MIN_TARGET) or (1 - MIN_TARGET, 1] is its mean target (a float).
+    The result is what `predict_cell_classifier` and `save` take."""
     if features.ndim != 2 or features.shape[1] != len(FEATURE_NAMES) or len(features) != len(targets):
         raise ValueError(f"features {features.shape} and targets {targets.shape} do not match "
                          f"({len(FEATURE_NAMES)} features per cell)")

@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     if not failed:
         with atomic_path(settings_path(out)) as tmp:  # written last: its presence vouches for the files above
             tmp.write_text(json.dumps(prediction_settings(args), indent=1) + "\n")
-    if failed:
+    else:
         write_csv_atomic(pd.DataFrame(sorted(failed.items()), columns=["ID", "error"]),
                          out.with_name(out.stem + "_failed.csv"))
         log.error("%d fields could not be predicted; see %s", len(failed), out.with_name(out.stem + "_failed.csv"))

@@ -48,7 +48,7 @@ SELECT_BY = {"binned-accuracy": ("val_binned_accuracy", "max"), "loss": ("val_fo
 SOURCE_NAMES = {code: name for name, code in store.SOURCE_CODES.items()}
 AUTO_WEIGHT_FLOOR = 0.5  # --image-label-weight auto never goes below the demo's fixed weight
 # Cell inputs are held in memory, computed once instead of every epoch, when all of a dataset's fit in
-# this many bytes (the demo's ~3000 cells at 64 px: 50 MB); larger sets are cut from the cache per item.
+# this many bytes (the demo's ~1000 training cells at 64 px: 16 MB); larger sets are cut per item.
 INPUT_MEMORY_BYTES = 2 << 30
 
 
