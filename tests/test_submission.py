@@ -25,11 +25,14 @@ def test_negative_probability_by_hand():
 
 def test_image_context_by_hand():
     probabilities = np.zeros((3, 19))
-    probabilities[:, 2] = [0.9, 0.3, 0.0]       # field mean 0.4
+    probabilities[:, 2] = [0.9, 0.3, 0.0]       # field max 0.9
+    probabilities[:, 7] = [0.0, 0.2, 0.4]       # field max 0.4
     probabilities[:, 18] = [0.5, 0.5, 0.5]      # Negative is not mixed: the cell's own
     mixed = predict_submission.with_image_context(probabilities, 0.5)
-    assert mixed[:, 2].tolist() == pytest.approx([0.65, 0.35, 0.2])
+    assert mixed[:, 2].tolist() == pytest.approx([0.9, 0.6, 0.45])
+    assert mixed[:, 7].tolist() == pytest.approx([0.2, 0.3, 0.4])
     assert mixed[:, 18].tolist() == [0.5, 0.5, 0.5] and (mixed[:, [0, 1, 3]] == 0).all()
+    assert predict_submission.with_image_context(probabilities[1:2], 0.7)[0, 2] == pytest.approx(0.3)  # one cell: itself
     assert np.array_equal(predict_submission.with_image_context(probabilities, 0.0), probabilities)
     assert predict_submission.with_image_context(np.zeros((0, 19)), 0.5).shape == (0, 19)
 
@@ -159,7 +162,7 @@ def test_feature_model_is_averaged_with_the_cell_model(test_fields, tmp_path):
         described = cell_classifier.predict_cell_classifier(classifier, record_features(field, record))
         expected = 0.75 * plain[plain["ID"] == image_id][columns].to_numpy() + 0.25 * described
         expected[:, 18] = (1 - expected[:, :18]).min(axis=1)  # from the cell's own prediction, before context
-        expected[:, :18] = 0.5 * expected[:, :18] + 0.5 * expected[:, :18].mean(axis=0)
+        expected[:, :18] = 0.5 * expected[:, :18] + 0.5 * expected[:, :18].max(axis=0)
         assert np.allclose(rows[columns].to_numpy(), expected, atol=2e-6)
     for flag in ("--feature-weight", "--image-context"):
         with pytest.raises(UserInputError, match="must be in"):

@@ -8,7 +8,7 @@ One section per run (a synthetic style, with the pipeline's outputs). Held-out (
 own segmentation's cells: (a) the image labels broadcast to every cell, (b) the image-level models
 applied per cell (identity view only, for time), (d) the cell-level models (the CNN averaged with
 the cell feature model when `models/cell_features/feature_model.joblib` exists, then mixed with the
-field's mean by --image-context; (d0) the CNN alone), (e) (d) fused with the image-level whole-field
+field's highest cell by --image-context; (d0) the CNN alone), (e) (d) fused with the image-level whole-field
 prediction (the pipeline's submission.csv; weights from fusion_weights.csv when chosen).
 Training split (the labels the cell-level model learns from): (a) the noisy image labels
 broadcast, (b) the out-of-fold pseudo-labels, (c) the pseudo-labels with the denoising additions.
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     parser.add_argument("--feature-weight", type=float, default=0.5,
                         help="its weight in (d) (0: the CNN alone); pass the pipeline's FEATURE_WEIGHT")
     parser.add_argument("--image-context", type=float, default=0.0,
-                        help="the field-mean weight of predict_submission --image-context in (d); pass the pipeline's IMAGE_CONTEXT")
+                        help="the field-max weight of predict_submission --image-context in (d); pass the pipeline's IMAGE_CONTEXT")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--cell-size", type=int, default=512)
     args = parser.parse_args(argv)
