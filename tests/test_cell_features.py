@@ -261,3 +261,44 @@ def test_out_of_fold_predictions_never_see_their_own_image():
     own = image_ids == "img2"
     assert np.array_equal(after[own], before[own])  # img2 is predicted by a model fit without it ...
     assert not np.allclose(after[~own], before[~own])  # ... which the others' models did see
+
+
+def test_given_folds_hold_out_their_images_and_foldless_images_always_train():
+    rng = np.random.default_rng(2)
+    image_ids = np.repeat(["a", "b", "c", "extra"], 30)
+    features = rng.normal(size=(120, N_FEATURES)).astype(np.float32)
+    targets = np.zeros((120, NUM_CLASSES), np.float32)
+    targets[:, 4] = features[:, 0] > 0
+    folds = {"a": 0, "b": 1, "c": 1}                      # "extra" has no fold
+    predictions = cell_classifier.out_of_fold_predictions(features, targets, image_ids, fold_of_image=folds,
+                                                          min_cells_per_leaf=5, max_iter=10)
+    assert (predictions[image_ids == "extra"] == 0).all()  # predicted by no fold
+    without_a = cell_classifier.fit_cell_classifier(features[image_ids != "a"], targets[image_ids != "a"],
+                                                    min_cells_per_leaf=5, max_iter=10)
+    assert np.array_equal(predictions[image_ids == "a"],
+                          cell_classifier.predict_cell_classifier(without_a, features[image_ids == "a"]))
+
+
+def test_choose_weight_by_hand():
+    cnn, described = np.zeros((4, NUM_CLASSES)), np.zeros((4, NUM_CLASSES))
+    cnn[:, 0] = [0.9, 0.1, 0.5, 0.0]         # ranks the positives 1st and 3rd: AP 5/6
+    described[:, 0] = [0.2, 0.8, 0.1, 0.4]   # 2nd and 1st of the other pair: AP 5/6
+    labels = np.zeros((4, NUM_CLASSES))
+    labels[:2, 0] = 1                          # the only class with positives and negatives
+    weight, scores = cell_classifier.choose_weight(cnn, described, labels)
+    # w = 0.4 .. 0.8 put both positives first (0.4: 0.62, 0.38 vs 0.34, 0.16); the rest one place lower
+    expected = [5 / 6] * 4 + [1.0] * 5 + [5 / 6] * 2
+    assert scores == pytest.approx(expected) and weight == pytest.approx(0.4)
+    weight, scores = cell_classifier.choose_weight(cnn, cnn, labels)
+    assert weight == 0.0 and np.ptp(scores) == 0            # equal models: no weight is better, the CNN alone
+
+
+def test_mixing_weight_reads_the_stored_choice_and_checks_numbers():
+    classifier = {"models": []}
+    assert cell_classifier.mixing_weight(classifier, "0.3") == pytest.approx(0.3)
+    with pytest.raises(UserInputError, match="no chosen weight"):
+        cell_classifier.mixing_weight(classifier, "chosen")
+    assert cell_classifier.mixing_weight(dict(classifier, weight=0.7), "chosen") == pytest.approx(0.7)
+    for bad in ("2", "-0.1", "half"):
+        with pytest.raises(UserInputError, match="must be in"):
+            cell_classifier.mixing_weight(classifier, bad)
