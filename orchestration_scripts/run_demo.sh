@@ -15,9 +15,7 @@ export TRAIN_FLAGS=${TRAIN_FLAGS:---init-weights none}
 # 160 training fields make a weak image-level model, so its pseudo-labels alone teach the cell models
 # little; the demo blends them half and half with the image labels (0 = the reference's recipe).
 export IMAGE_LABEL_WEIGHT=${IMAGE_LABEL_WEIGHT:-0.5} CELL_FLAGS=${CELL_FLAGS:---select-by loss}
-# the feature model's weight beside the CNN is chosen per dataset on out-of-fold training cells; the
-# image context weight was chosen on style 1
-export FEATURE_WEIGHT=${FEATURE_WEIGHT:-choose} IMAGE_CONTEXT=${IMAGE_CONTEXT:-0.5}
+export FEATURE_WEIGHT=${FEATURE_WEIGHT:-0.5} IMAGE_CONTEXT=${IMAGE_CONTEXT:-0.5}  # chosen on style 1
 started=$(date +%s)
 .venv/bin/python -m src.data.make_synthetic --out "$DATASET"
 bash orchestration_scripts/run_pipeline.sh
@@ -28,5 +26,5 @@ DATASET=$DATASET_STYLE2 OUTPUT=$OUTPUT/style2 FULL_CACHE_SIZE=native bash orches
 .venv/bin/python -m src.evaluation.demo_report --run "style 1" "$DATASET" "$OUTPUT" \
   --run "style 2" "$DATASET_STYLE2" "$OUTPUT/style2" --report-dir "$OUTPUT/demo" --folds "$(seq -s, 0 $((N_FOLDS - 1)))" \
   --image-run image_level --cell-run cellwise --image-size "$IMAGE_SIZE" --cell-size "$CELL_SIZE" \
-  --feature-weight "${FEATURE_WEIGHT/#choose/chosen}" --image-context "$IMAGE_CONTEXT"
+  --feature-weight "$FEATURE_WEIGHT" --image-context "$IMAGE_CONTEXT"
 echo "demo finished in $(( $(date +%s) - started )) s; report: $OUTPUT/demo/report.md"

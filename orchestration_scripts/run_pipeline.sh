@@ -28,7 +28,7 @@ KNN=${KNN:-200}
 EIGEN=${EIGEN:-50}
 SELECT_ABOVE=${SELECT_ABOVE:-}        # absolute Y_opt threshold; empty: select_candidates' default (outliers) rule
 IMAGE_LABEL_WEIGHT=${IMAGE_LABEL_WEIGHT:-0}  # cell-level targets: (1 - w) * pseudo-label + w * image label (0: the reference)
-FEATURE_WEIGHT=${FEATURE_WEIGHT:-0}   # weight of the cell feature model beside the cell-level CNN (0: none); choose: on out-of-fold training cells (the demo)
+FEATURE_WEIGHT=${FEATURE_WEIGHT:-0}   # weight of the cell feature model beside the cell-level CNN (0: none; the demo: 0.5)
 RELABEL_FOLDS=${RELABEL_FOLDS:-0}     # folds of the feature model's multiple-instance relabelling (0: off, as in the demo)
 IMAGE_CONTEXT=${IMAGE_CONTEXT:-0}     # weight of the field's highest cell prediction in each cell's (0: off; the demo: 0.5)
 FUSION_WEIGHT=${FUSION_WEIGHT:-0}  # image-level weight in the submission (0: off); choose: per class on out-of-fold training images, from the image labels
@@ -95,16 +95,11 @@ done
 features=()
 feature_model="$OUTPUT/models/cell_features/feature_model.joblib"
 rm -f "$feature_model"  # a model left from an earlier run must not be taken for this one's
-weight_choice=() feature_weight=$FEATURE_WEIGHT
-if [ "$FEATURE_WEIGHT" = choose ]; then
-  weight_choice=(--choose-weight-with "$CELL_RUN" --folds "$folds" --img-size "$CELL_SIZE") feature_weight=chosen
-fi
-if [ "$FEATURE_WEIGHT" = choose ] || awk "BEGIN { exit !($FEATURE_WEIGHT > 0) }"; then
+if awk "BEGIN { exit !($FEATURE_WEIGHT > 0) }"; then
   step "cell feature model"
   $py -m src.train.train_cell_features --dataset "$DATASET" --output "$OUTPUT" --workers "$WORKERS" --no-progress \
-    --selection "$OUTPUT/mitotic_cells_selection.csv" --image-label-weight "$IMAGE_LABEL_WEIGHT" --relabel-folds "$RELABEL_FOLDS" \
-    ${weight_choice[@]+"${weight_choice[@]}"}
-  features=(--feature-model "$feature_model" --feature-weight "$feature_weight")
+    --selection "$OUTPUT/mitotic_cells_selection.csv" --image-label-weight "$IMAGE_LABEL_WEIGHT" --relabel-folds "$RELABEL_FOLDS"
+  features=(--feature-model "$feature_model" --feature-weight "$FEATURE_WEIGHT")
 fi
 
 fusion=(--fusion-weight "$FUSION_WEIGHT")

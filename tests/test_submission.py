@@ -164,11 +164,6 @@ def test_feature_model_is_averaged_with_the_cell_model(test_fields, tmp_path):
         expected[:, 18] = (1 - expected[:, :18]).min(axis=1)  # from the cell's own prediction, before context
         expected[:, :18] = 0.5 * expected[:, :18] + 0.5 * expected[:, :18].max(axis=0)
         assert np.allclose(rows[columns].to_numpy(), expected, atol=2e-6)
-    classifier["weight"] = 0.25  # as train_cell_features --choose-weight-with stores it: 'chosen' reads it
-    cell_classifier.save(classifier, model_path)
-    assert run(layout, outputs, tmp_path / "chosen.csv", "--feature-model", str(model_path), "--feature-weight", "chosen",
-               "--image-context", "0.5") == 0
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "chosen_cells.csv", dtype={"ID": str}), mixed)
     for flag in ("--feature-weight", "--image-context"):
         with pytest.raises(UserInputError, match="must be in"):
             run(layout, outputs, tmp_path / "bad.csv", "--feature-model", str(model_path), flag, "2")

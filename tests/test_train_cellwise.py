@@ -133,7 +133,6 @@ def check_feature_model_stage(layout, outputs, selection):
     refit = cell_classifier.fit_cell_classifier(features, relabelled, max_iter=5)
     assert np.array_equal(cell_classifier.predict_cell_classifier(refit, features), cell_classifier.predict_cell_classifier(
         cell_classifier.load(outputs.feature_model_path("cell_features")), features))
-    check_weight_choice(layout, outputs, common, cells, features, targets)
     with pytest.raises(UserInputError, match="image-label-weight"):
         train_cell_features.main(common[:-5] + ["--image-label-weight", "7"])
     with pytest.raises(UserInputError, match="relabel-folds"):
@@ -246,30 +245,3 @@ def test_cell_dataset_appends_the_border_weight(tmp_path):
 def test_border_down_weight_out_of_range_is_refused():
     with pytest.raises(UserInputError, match="border-down-weight"):
         cellwise.parse_args(["--fold", "0", "--border-down-weight", "1.5"])
-
-
-def check_weight_choice(layout, outputs, common, cells, features, targets):
-    """--choose-weight-with stores the weight that the out-of-fold CNN (fold 1's model on fold 1's images) and
-    feature model (fit without fold 1's images) give, computed here piece by piece."""
-    from src.features import cell_classifier
-    from src.predict.choose_fusion import cell_out_of_fold_predictions
-    from src.train import train_cell_features
-    from src.train.datasets import read_folds
-
-    assert train_cell_features.main(common + ["--choose-weight-with", "cells", "--folds", "1", "--img-size", "32",
-                                              "--tta", "identity"]) == 0
-    stored = cell_classifier.load(outputs.feature_model_path("cell_features"))
-    cnn = {image_id: rows for image_id, _, rows in cell_out_of_fold_predictions(
-        layout, outputs, "cells", [1], "best.pth", 32, ("identity",), 4, torch.device("cpu"))}
-    folds = read_folds(layout)
-    assert set(cnn) == set(folds.loc[folds["fold"] == 1, "ID"]) and cnn
-    image_ids = cells["ID"].to_numpy()
-    held = np.isin(image_ids, list(cnn))
-    described = cell_classifier.out_of_fold_predictions(features, targets, image_ids, fold_of_image=dict.fromkeys(cnn, 1),
-                                                        max_iter=5)
-    weight, scores = cell_classifier.choose_weight(
-        np.stack([cnn[i][c] for i, c in zip(image_ids[held], cells["cell_i"].to_numpy()[held])]), described[held],
-        cellwise.broadcast_image_labels(image_ids[held], read_label_tables(layout.train_csv)))
-    assert stored["weight"] == weight and stored["weight_scores"] == pytest.approx(scores.tolist())
-    with pytest.raises(UserInputError, match="fold 3 model of run cells"):
-        train_cell_features.main(common + ["--choose-weight-with", "cells", "--folds", "3", "--img-size", "32"])

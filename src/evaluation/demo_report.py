@@ -34,7 +34,6 @@ from src.evaluation.cell_map import (Prediction, bootstrap_map_difference, cell_
                                      parse_submission)
 from src.evaluation.demo_figure import plot_per_class_ap
 from src.evaluation.rle import label_mask_to_rles
-from src.features import cell_classifier
 from src.predict import pseudo_label_store as store
 from src.predict.predict_submission import build_parser as build_submission_parser
 from src.predict.predict_submission import main as submission_main
@@ -158,9 +157,7 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
                               "--img-size", str(args.image_size), "--out", str(image_level_csv)])
     cell_flags = ["--run-name", args.cell_run, "--img-size", str(args.cell_size), "--checkpoint", args.cell_checkpoint]
     feature_model = outputs.feature_model_path(args.feature_run)
-    feature_weight = cell_classifier.mixing_weight(cell_classifier.load(feature_model), args.feature_weight) \
-        if feature_model.is_file() else 0.0
-    use_features = feature_weight > 0
+    use_features = feature_model.is_file() and args.feature_weight > 0
     add_on_flags = (["--feature-model", str(feature_model), "--feature-weight", str(args.feature_weight)]
                     if use_features else []) + ["--image-context", str(args.image_context)]
     if not reuse_submission(common + cell_flags + add_on_flags, outputs.root / "submission.csv", cellwise_csv):
@@ -190,7 +187,7 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
         "c": score(cell_predictions(outputs, "train", added), train_truth)}
     names = dict(ROW_NAMES, e=f"{ROW_NAMES['e']} ({fusion_description(outputs)})")
     if add_ons:
-        parts = ["CNN"] + ([f"cell feature model (weight {feature_weight:g})"] if use_features else []) + (
+        parts = ["CNN"] + (["cell feature model"] if use_features else []) + (
             [f"image context {args.image_context:g}"] if args.image_context > 0 else [])
         names["d"] = f"{ROW_NAMES['d']} ({' + '.join(parts)})"
     else:
@@ -229,9 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cell-checkpoint", default="best.pth",
                         help="the cell-level models' weights scored as (d): best.pth (selected) or final.pth (last epoch)")
     parser.add_argument("--feature-run", default="cell_features", help="run name of the cell feature model")
-    parser.add_argument("--feature-weight", default="0.5",
-                        help="its weight in (d) (0: the CNN alone; 'chosen': the weight stored in the model); pass the "
-                             "pipeline's (predict_submission --feature-weight)")
+    parser.add_argument("--feature-weight", type=float, default=0.5,
+                        help="its weight in (d) (0: the CNN alone); pass the pipeline's FEATURE_WEIGHT")
     parser.add_argument("--image-context", type=float, default=0.0,
                         help="the field-max weight of predict_submission --image-context in (d); pass the pipeline's IMAGE_CONTEXT")
     parser.add_argument("--image-size", type=int, default=1024)

@@ -18,7 +18,6 @@ import joblib
 import numpy as np
 from joblib import Parallel, delayed
 from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.metrics import average_precision_score
 
 from src.data.classes import NEGATIVE, NUM_CLASSES
 from src.features.cell_features import FEATURE_NAMES
@@ -30,7 +29,6 @@ MIN_TARGET = 0.05  # a class whose targets stay within this of 0 (or of 1) has n
 # memorised cell by cell. 60 chosen on style 1 among 5, 20, 40, 60, 80, 120 (README); at 5 the trees
 # gave single cells of other classes confident scores that drowned the CNN's sharp ones.
 MIN_CELLS_PER_LEAF = 60
-WEIGHT_GRID = tuple(np.round(np.arange(0, 1.01, 0.1), 1))  # feature-model weights `choose_weight` tries
 
 
 def _fit_one(features: np.ndarray, target: np.ndarray, seed: int, max_iter: int, learning_rate: float,
@@ -67,41 +65,19 @@ def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0
 
 
 def out_of_fold_predictions(features: np.ndarray, targets: np.ndarray, image_ids: np.ndarray, n_folds: int = 3,
-                            seed: int = 0, fold_of_image: dict | None = None, **fit_options) -> np.ndarray:
-    """(N, 19) predictions of each cell by a classifier fit without its image's fold: `fold_of_image`
-    (ID -> fold; a cell of an image without a fold is predicted by none and stays 0), or images dealt
-    to `n_folds` folds in a seeded random order; `fit_options` go to `fit_cell_classifier`."""
-    if fold_of_image is None:
-        images = np.unique(image_ids)
-        fold_of_image = dict(zip(np.random.default_rng(seed).permutation(images), np.arange(len(images)) % n_folds))
-    fold = np.array([fold_of_image.get(image_id, -1) for image_id in image_ids])
+                            seed: int = 0, **fit_options) -> np.ndarray:
+    """(N, 19) predictions of each cell by a classifier fit without its image's fold (images are dealt
+    to `n_folds` folds in a seeded random order); `fit_options` go to `fit_cell_classifier`."""
+    images = np.unique(image_ids)
+    fold_of_image = dict(zip(np.random.default_rng(seed).permutation(images), np.arange(len(images)) % n_folds))
+    fold = np.array([fold_of_image[image_id] for image_id in image_ids])
     predictions = np.zeros((len(features), NUM_CLASSES))
-    for k in np.unique(fold[fold >= 0]):
+    for k in range(n_folds):
         held_out = fold == k
-        if not held_out.all():
+        if held_out.any() and not held_out.all():
             classifier = fit_cell_classifier(features[~held_out], targets[~held_out], seed, **fit_options)
             predictions[held_out] = predict_cell_classifier(classifier, features[held_out])
     return predictions
-
-
-def choose_weight(cnn: np.ndarray, described: np.ndarray, image_labels: np.ndarray,
-                  grid: tuple[float, ...] = WEIGHT_GRID) -> tuple[float, np.ndarray]:
-    """The feature model's weight w beside the CNN, from out-of-fold predictions of the same training cells.
-
-    cnn, described : (N, 19) out-of-fold probabilities of the cell-level CNN and of this classifier;
-    image_labels : (N, 19) the multi-hot image label of each cell's image.
-    Each w of `grid` scores the mixture (1 - w) cnn + w described (Negative = min_c (1 - P_c)) by its
-    mean average precision over classes against the image labels: the only labels a user has. Noisy
-    per cell, but noise that follows the image and not the cell's look moves both models alike.
-    Returns (the best w, the score of each w)."""
-    scores = np.zeros(len(grid))
-    present = [cls for cls in range(NUM_CLASSES) if 0 < image_labels[:, cls].sum() < len(image_labels)]
-    for k, weight in enumerate(grid):
-        mixed = (1 - weight) * cnn + weight * described
-        mixed[:, NEGATIVE] = (1 - np.delete(mixed, NEGATIVE, axis=1)).min(axis=1)
-        scores[k] = np.mean([average_precision_score(image_labels[:, cls] > 0, mixed[:, cls]) for cls in present]) \
-            if present else 0.0
-    return float(grid[int(np.argmax(scores))]), scores
 
 
 def relabel_targets(predictions: np.ndarray, image_ids: np.ndarray, image_labels: np.ndarray) -> np.ndarray:
@@ -126,23 +102,6 @@ def predict_cell_classifier(classifier: dict, features: np.ndarray) -> np.ndarra
         elif model is not None:
             probabilities[:, cls] = model.predict_proba(features)[:, 1]
     return probabilities
-
-
-def mixing_weight(classifier: dict, requested: str) -> float:
-    """The weight of `classifier` beside the CNN: `requested` as a number in [0, 1], or 'chosen' for the
-    weight `choose_weight` stored in it (train_cell_features --choose-weight-with)."""
-    if requested == "chosen":
-        if "weight" not in classifier:
-            raise UserInputError("--feature-weight chosen: the feature model has no chosen weight "
-                                 "(train it with src.train.train_cell_features --choose-weight-with RUN)")
-        return float(classifier["weight"])
-    try:
-        weight = float(requested)
-    except ValueError:
-        weight = -1.0
-    if not 0 <= weight <= 1:
-        raise UserInputError(f"--feature-weight must be in [0, 1] or 'chosen', not {requested!r}")
-    return weight
 
 
 def save(classifier: dict, path: str | os.PathLike) -> None:

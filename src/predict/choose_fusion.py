@@ -72,39 +72,29 @@ def choose_weights(cell_probabilities: np.ndarray, image_probabilities: np.ndarr
     return pd.DataFrame(rows, columns=list(FUSION_COLUMNS))
 
 
-def cell_out_of_fold_predictions(layout: DatasetLayout, outputs: OutputLayout, run_name: str, folds: list[int],
-                                 checkpoint: str, img_size: int, views: tuple[str, ...], batch_size: int, device):
-    """Each training image of `folds` (folds.csv) with cells, and its cells' (n, 19) predictions by the
-    `run_name` model of the fold that held it out; yields (image ID, its fold, predictions)."""
+def out_of_fold_predictions(layout: DatasetLayout, outputs: OutputLayout, args) -> tuple[list[str], list, list]:
+    """Image IDs with their cells' cell-level and whole-field image-level out-of-fold predictions."""
+    folds = read_folds(layout)
+    fold_of = dict(zip(folds["ID"], folds["fold"].astype(int)))
+    views = tuple(v.strip() for v in args.tta.split(",") if v.strip())
     if not views or set(views) - set(TTA_VIEWS + EXTRA_TTA_VIEWS):
         raise UserInputError(f"--tta must name views among {TTA_VIEWS + EXTRA_TTA_VIEWS}")
-    folds_table = read_folds(layout)
-    fold_of = dict(zip(folds_table["ID"], folds_table["fold"].astype(int)))
-    for fold in folds:
-        model = load_ensemble(outputs, run_name, [fold], checkpoint, device)
+    ids, cell_rows, image_rows = [], [], []
+    for fold in args.folds:
+        cell_model = load_ensemble(outputs, args.cell_run, [fold], args.checkpoint, args.device)
+        image_model = load_ensemble(outputs, args.image_run, [fold], args.checkpoint, args.device)
         for image_id in list_record_ids(outputs.bboxes_dir / "train"):
             if fold_of.get(image_id) != fold:
                 continue
             record = read_record(record_path(outputs.bboxes_dir, "train", image_id))
-            if record.n_cells:
-                inputs = cell_model_inputs(layout, image_id, record, "cellwise", img_size, source="train")
-                yield image_id, fold, ensemble_predict(model, inputs, views, batch_size, device)
-
-
-def out_of_fold_predictions(layout: DatasetLayout, outputs: OutputLayout, args) -> tuple[list[str], list, list]:
-    """Image IDs with their cells' cell-level and whole-field image-level out-of-fold predictions."""
-    views = tuple(v.strip() for v in args.tta.split(",") if v.strip())
-    ids, cell_rows, image_rows = [], [], []
-    image_models = {}
-    for image_id, fold, cells in cell_out_of_fold_predictions(layout, outputs, args.cell_run, args.folds, args.checkpoint,
-                                                              args.img_size, views, args.batch_size, args.device):
-        if fold not in image_models:
-            image_models = {fold: load_ensemble(outputs, args.image_run, [fold], args.checkpoint, args.device)}
-        whole = load_field(layout, "train", image_id, args.fusion_img_size).transpose(2, 0, 1)[None]
-        ids.append(image_id)
-        cell_rows.append(cells)
-        image_rows.append(np.repeat(ensemble_predict(image_models[fold], np.ascontiguousarray(whole), ("identity",), 1,
-                                                     args.device), len(cells), axis=0))
+            if record.n_cells == 0:
+                continue
+            inputs = cell_model_inputs(layout, image_id, record, "cellwise", args.img_size, source="train")
+            whole = load_field(layout, "train", image_id, args.fusion_img_size).transpose(2, 0, 1)[None]
+            ids.append(image_id)
+            cell_rows.append(ensemble_predict(cell_model, inputs, views, args.batch_size, args.device))
+            image_rows.append(np.repeat(ensemble_predict(image_model, np.ascontiguousarray(whole), ("identity",), 1,
+                                                         args.device), record.n_cells, axis=0))
     return ids, cell_rows, image_rows
 
 

@@ -172,9 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fusion-weights", default=None, help="fusion_weights.csv: a weight per class (overrides --fusion-weight)")
     parser.add_argument("--feature-model", default=None,
                         help="feature_model.joblib of src.train.train_cell_features, averaged with the cell model")
-    parser.add_argument("--feature-weight", default="0.5",
-                        help="weight of the feature model's probabilities (with --feature-model), or 'chosen': the "
-                             "weight train_cell_features --choose-weight-with stored in the model")
+    parser.add_argument("--feature-weight", type=float, default=0.5,
+                        help="weight of the feature model's probabilities (with --feature-model)")
     parser.add_argument("--image-context", type=float, default=0.0,
                         help="weight of the field's highest cell prediction (per class) mixed into each cell's (0: off)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -231,10 +230,9 @@ def main(argv=None) -> int:
         raise UserInputError("--fusion-weight must be in [0, 1] and fusion needs --fusion-run")
     if not 0 <= args.border_down_weight <= 1:
         raise UserInputError("--border-down-weight must be in [0, 1]")
-    if not 0 <= args.image_context <= 1:
-        raise UserInputError("--image-context must be in [0, 1]")
+    if not 0 <= args.feature_weight <= 1 or not 0 <= args.image_context <= 1:
+        raise UserInputError("--feature-weight and --image-context must be in [0, 1]")
     feature_model = cell_classifier.load(args.feature_model) if args.feature_model else None
-    feature_weight = cell_classifier.mixing_weight(feature_model, args.feature_weight) if feature_model else 0.0
     out = Path(args.out) if args.out else outputs.root / "submission.csv"
     settings_path(out).unlink(missing_ok=True)  # until this run's files are all written
     device = torch.device(args.device)
@@ -268,7 +266,7 @@ def main(argv=None) -> int:
             cnn_alone[:, NEGATIVE] = negative_probability(cnn_alone, args.negative)
             if feature_model is not None and record.n_cells:
                 described = cell_classifier.predict_cell_classifier(feature_model, record_features(np.asarray(field), record))
-                probabilities = (1 - feature_weight) * probabilities + feature_weight * described
+                probabilities = (1 - args.feature_weight) * probabilities + args.feature_weight * described
             if fusion_models and record.n_cells:
                 whole = load_field(layout, "test", image_id, args.fusion_img_size).transpose(2, 0, 1)[None]
                 image_level = ensemble_predict(fusion_models, np.ascontiguousarray(whole), ("identity",), 1, device)

@@ -9,11 +9,7 @@ with --relabel-folds K (off by default), those targets first go through one mult
 (`cell_classifier.relabel_targets`: out-of-fold predictions over K folds of images, rescaled within
 each field labelled with the class); one classifier per class is then fit on all cells and saved to
 `{output}/models/{run-name}/feature_model.joblib`. `predict_submission --feature-model` averages its
-predictions with the CNN's, at --feature-weight W, or `chosen`: with --choose-weight-with RUN, each training
-cell of the --folds images is also predicted out of fold by the cell-level CNN run RUN (the fold model
-that held its image out, folds.csv) and by this model fit without that fold's images, and the weight
-whose mixture best ranks the cells against their image labels (`cell_classifier.choose_weight`) is
-stored in the model file. It exists because a CNN trained from scratch on a small dataset's ~1000
+predictions with the CNN's. It exists because a CNN trained from scratch on a small dataset's ~1000
 cells does not learn one-to-two-pixel dots, which the descriptors measure directly.
 """
 from __future__ import annotations
@@ -23,8 +19,6 @@ import logging
 import time
 
 import numpy as np
-import pandas as pd
-import torch
 from joblib import Parallel, delayed
 from tqdm import tqdm
 
@@ -34,9 +28,6 @@ from src.data.labels import read_label_tables
 from src.data.schema import DatasetLayout, OutputLayout
 from src.features import cell_classifier
 from src.features.cell_features import record_features
-from src.predict import choose_fusion
-from src.predict.cell_inputs import EXTRA_TTA_VIEWS, TTA_VIEWS
-from src.train.datasets import read_folds
 from src.train.train_cellwise import broadcast_image_labels, cell_targets
 from src.utils.io import UserInputError, run_cli, setup_logging
 
@@ -58,32 +49,6 @@ def features_of_fields(layout: DatasetLayout, outputs: OutputLayout, fields: lis
     return dict(zip(fields, tqdm(results, total=len(fields), desc="cell features", disable=not progress)))
 
 
-def choose_weight(layout: DatasetLayout, outputs: OutputLayout, args: argparse.Namespace, cells: pd.DataFrame,
-                  features: np.ndarray, targets: np.ndarray, fit_options: dict) -> tuple[float, list[float]]:
-    """The feature model's weight beside the CNN run `args.choose_weight_with`, from out-of-fold
-    predictions of the training cells of the `args.folds` images (see the module docstring)."""
-    started = time.time()
-    views = tuple(v.strip() for v in args.tta.split(",") if v.strip())
-    folds = [int(f) for f in args.folds.split(",")]
-    cnn = {image_id: rows for image_id, _, rows in choose_fusion.cell_out_of_fold_predictions(
-        layout, outputs, args.choose_weight_with, folds, args.checkpoint, args.img_size, views, 32, torch.device(args.device))}
-    image_ids, cell_indices = cells["ID"].to_numpy(), cells["cell_i"].to_numpy()
-    held = np.array([source == "train" and image_id in cnn for source, image_id in zip(cells["source"], image_ids)])
-    if not held.any():
-        raise UserInputError(f"no training cell of folds {args.folds} has a prediction of run {args.choose_weight_with}")
-    fold_table = read_folds(layout)
-    fold_of = dict(zip(fold_table["ID"], fold_table["fold"].astype(int)))
-    described = cell_classifier.out_of_fold_predictions(features, targets, image_ids, seed=args.seed, fold_of_image={
-        image_id: fold_of[image_id] for image_id in cnn}, **fit_options)
-    cnn_rows = np.stack([cnn[image_id][cell_i] for image_id, cell_i in zip(image_ids[held], cell_indices[held])])
-    table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
-    weight, scores = cell_classifier.choose_weight(cnn_rows, described[held], broadcast_image_labels(image_ids[held], table))
-    log.info("feature weight %.1f chosen on %d out-of-fold training cells in %.1f s; mAP against the image labels by weight: %s",
-             weight, held.sum(), time.time() - started,
-             " ".join(f"{w:g}:{score:.4f}" for w, score in zip(cell_classifier.WEIGHT_GRID, scores)))
-    return weight, [float(score) for score in scores]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="input/synthetic")
@@ -101,14 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--min-cells-per-leaf", type=int, default=cell_classifier.MIN_CELLS_PER_LEAF,
                         help="cells each tree leaf holds at least (regularises classes seen in few fields)")
-    parser.add_argument("--choose-weight-with", default=None, metavar="RUN",
-                        help="cell-level CNN run: choose the model's weight beside it on out-of-fold training cells")
-    parser.add_argument("--folds", default="0,1,2,3,4", help="with --choose-weight-with: the CNN's folds")
-    parser.add_argument("--img-size", type=int, default=512, help="with --choose-weight-with: the CNN's input side (px)")
-    parser.add_argument("--checkpoint", default="best.pth", help="with --choose-weight-with: the CNN's checkpoint")
-    parser.add_argument("--tta", default=",".join(TTA_VIEWS + EXTRA_TTA_VIEWS), help="with --choose-weight-with: "
-                        "the CNN's views, as in the submission")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes computing the descriptors and fitting the classes")
     parser.add_argument("--no-progress", action="store_true")
@@ -148,10 +105,7 @@ def main(argv=None) -> int:
         table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
         targets = cell_classifier.relabel_targets(oof, image_ids, broadcast_image_labels(image_ids, table))
         log.info("targets relabelled from %d-fold out-of-fold predictions: %.1f s", args.relabel_folds, time.time() - started)
-    choice = choose_weight(layout, outputs, args, cells, features, targets, fit_options) if args.choose_weight_with else None
     classifier = cell_classifier.fit_cell_classifier(features, targets, args.seed, **fit_options)
-    if choice:
-        classifier["weight"], classifier["weight_scores"] = choice
     path = outputs.feature_model_path(args.run_name)
     cell_classifier.save(classifier, path)
     fitted = sum(not isinstance(model, (float, type(None))) for model in classifier["models"])
