@@ -105,7 +105,7 @@ def test_train_cellwise_end_to_end(tmp_path, border_down_weight):
 
 def check_feature_model_stage(layout, outputs, selection):
     from src.data.cache import load_full_resolution
-    from src.features import cell_classifier
+    from src.features import cell_classifier, cell_mil
     from src.features.cell_features import record_features
     from src.train import train_cell_features
 
@@ -120,17 +120,27 @@ def check_feature_model_stage(layout, outputs, selection):
         record = read_record(record_path(outputs.bboxes_dir, source, image_id))
         assert np.array_equal(rows, record_features(load_full_resolution(layout, source, image_id, record.image_shape), record))
     features = np.stack([per_field[(s, i)][c] for s, i, c in zip(cells["source"], cells["ID"], cells["cell_i"])])
-    refit = cell_classifier.fit_cell_classifier(features, targets, max_iter=5)  # same data, same seed: same model
+    image_ids = cells["ID"].to_numpy()
+    fields_of_cells, field_index = np.unique(image_ids, return_inverse=True)
+    field_labels = cellwise.broadcast_image_labels(fields_of_cells, read_label_tables(layout.train_csv))
+    mil = cell_mil.fit_mil_model(features, field_index, field_labels, 0, 3)  # fit to the image labels alone
+    assert mil["classes"] and len(mil["networks"]) == 3
+    refit = dict(cell_classifier.fit_cell_classifier(features, targets, max_iter=5), mil=mil)  # same data and seed
     assert np.array_equal(cell_classifier.predict_cell_classifier(refit, features),
                           cell_classifier.predict_cell_classifier(classifier, features))
+    trees_only = cell_classifier.predict_cell_classifier(dict(refit, mil=None), features)
+    assert np.allclose(cell_classifier.predict_cell_classifier(refit, features),
+                       (trees_only + cell_mil.predict_mil_model(mil, features)) / 2)
+    assert train_cell_features.main(common + ["--mil-models", "0"]) == 0
+    assert np.array_equal(cell_classifier.predict_cell_classifier(
+        cell_classifier.load(outputs.feature_model_path("cell_features")), features), trees_only)
     # relabelled targets: from 2-fold out-of-fold predictions, then the same fit
     assert train_cell_features.main(common + ["--relabel-folds", "2"]) == 0
-    image_ids = cells["ID"].to_numpy()
     oof = cell_classifier.out_of_fold_predictions(features, targets, image_ids, 2, max_iter=5)
     labels = cellwise.broadcast_image_labels(image_ids, read_label_tables(layout.train_csv))
     relabelled = cell_classifier.relabel_targets(oof, image_ids, labels)
     assert not np.allclose(relabelled, targets)
-    refit = cell_classifier.fit_cell_classifier(features, relabelled, max_iter=5)
+    refit = dict(cell_classifier.fit_cell_classifier(features, relabelled, max_iter=5), mil=mil)
     assert np.array_equal(cell_classifier.predict_cell_classifier(refit, features), cell_classifier.predict_cell_classifier(
         cell_classifier.load(outputs.feature_model_path("cell_features")), features))
     with pytest.raises(UserInputError, match="image-label-weight"):

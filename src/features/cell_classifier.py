@@ -8,6 +8,9 @@ CNN's, it is min over classes of (1 - P_c), applied where the predictions are us
 predictions (folds of whole images) become the targets, and in a field labelled with a class each
 cell's target for it is its prediction over the best prediction among the field's cells, so the
 cells that look least like the class in a field labelled with it stop teaching that they show it.
+
+A saved model may also carry a multiple-instance MLP (`cell_mil`, key "mil", fit to the image labels
+alone); `predict_cell_classifier` then returns the mean of the trees and the MLP.
 """
 from __future__ import annotations
 
@@ -20,10 +23,11 @@ from joblib import Parallel, delayed
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from src.data.classes import NEGATIVE, NUM_CLASSES
+from src.features import cell_mil
 from src.features.cell_features import FEATURE_NAMES
 from src.utils.io import UserInputError, atomic_path
 
-FORMAT = 1
+FORMAT = 2  # 2: the optional "mil" part
 MIN_TARGET = 0.05  # a class whose targets stay within this of 0 (or of 1) has nothing to learn: its mean
 # Each leaf holds at least this many cells: weak targets of a class seen in a few fields are not
 # memorised cell by cell. 60 chosen on style 1 among 5, 20, 40, 60, 80, 120 (README); at 5 the trees
@@ -61,7 +65,7 @@ def fit_cell_classifier(features: np.ndarray, targets: np.ndarray, seed: int = 0
         None if cls == NEGATIVE else float(clipped[:, cls].mean()) if len(clipped) else 0.0 for cls in range(NUM_CLASSES)]
     for cls, model in zip(classes, fitted):
         models[cls] = model
-    return {"format": FORMAT, "feature_names": list(FEATURE_NAMES), "models": models}
+    return {"format": FORMAT, "feature_names": list(FEATURE_NAMES), "models": models, "mil": None}
 
 
 def out_of_fold_predictions(features: np.ndarray, targets: np.ndarray, image_ids: np.ndarray, n_folds: int = 3,
@@ -92,7 +96,8 @@ def relabel_targets(predictions: np.ndarray, image_ids: np.ndarray, image_labels
 
 
 def predict_cell_classifier(classifier: dict, features: np.ndarray) -> np.ndarray:
-    """(N, 19) probabilities; Negative is 0 here."""
+    """(N, 19) probabilities of the trees, averaged with the multiple-instance MLP's where the
+    classifier carries one; Negative is 0 here."""
     probabilities = np.zeros((len(features), NUM_CLASSES))
     if len(features) == 0:
         return probabilities
@@ -101,6 +106,8 @@ def predict_cell_classifier(classifier: dict, features: np.ndarray) -> np.ndarra
             probabilities[:, cls] = model
         elif model is not None:
             probabilities[:, cls] = model.predict_proba(features)[:, 1]
+    if classifier.get("mil") is not None:
+        probabilities = 0.5 * (probabilities + cell_mil.predict_mil_model(classifier["mil"], features))
     return probabilities
 
 

@@ -7,8 +7,10 @@ field's own resolution from the full-resolution cache) and the cell-level CNN's 
 (pseudo-labels, --selection cells set to 1, blended with the image labels by --image-label-weight);
 with --relabel-folds K (off by default), those targets first go through one multiple-instance step
 (`cell_classifier.relabel_targets`: out-of-fold predictions over K folds of images, rescaled within
-each field labelled with the class); one classifier per class is then fit on all cells and saved to
-`{output}/models/{run-name}/feature_model.joblib`. `predict_submission --feature-model` averages its
+each field labelled with the class); one classifier per class is then fit on all cells. Beside the
+trees, --mil-models small MLPs are fit on the same descriptors to the image labels alone, through a
+multiple-instance pooling of each field's cells (`src.features.cell_mil`); the saved model predicts
+the mean of the trees and those MLPs. Both go to `{output}/models/{run-name}/feature_model.joblib`. `predict_submission --feature-model` averages its
 predictions with the CNN's. It exists because a CNN trained from scratch on a small dataset's ~1000
 cells does not learn one-to-two-pixel dots, which the descriptors measure directly.
 """
@@ -26,7 +28,7 @@ from src.data.bbox_records import read_record, record_path
 from src.data.cache import load_full_resolution
 from src.data.labels import read_label_tables
 from src.data.schema import DatasetLayout, OutputLayout
-from src.features import cell_classifier
+from src.features import cell_classifier, cell_mil
 from src.features.cell_features import record_features
 from src.train.train_cellwise import broadcast_image_labels, cell_targets
 from src.utils.io import UserInputError, run_cli, setup_logging
@@ -66,12 +68,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--min-cells-per-leaf", type=int, default=cell_classifier.MIN_CELLS_PER_LEAF,
                         help="cells each tree leaf holds at least (regularises classes seen in few fields)")
+    parser.add_argument("--mil-models", type=int, default=3,
+                        help="multiple-instance MLPs averaged with the trees (0: trees only; see cell_mil)")
+    parser.add_argument("--mil-threshold", type=float, default=cell_mil.POOL_THRESHOLD,
+                        help="share of a field's cells above which the MLPs' pooling takes the field as labelled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="processes computing the descriptors and fitting the classes")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.max_iter < 1 or not 0 < args.learning_rate <= 1 or args.min_cells_per_leaf < 1:
         raise UserInputError("--max-iter and --min-cells-per-leaf must be >= 1 and --learning-rate in (0, 1]")
+    if args.mil_models < 0 or not 0 < args.mil_threshold < 1:
+        raise UserInputError("--mil-models must be >= 0 and --mil-threshold in (0, 1)")
     if args.relabel_folds == 1 or args.relabel_folds < 0:
         raise UserInputError("--relabel-folds must be 0 (off) or at least 2")
     return args
@@ -98,14 +106,19 @@ def main(argv=None) -> int:
     log.info("descriptors of %d cells in %d fields: %.1f s", len(features), len(fields), time.time() - started)
     fit_options = {"max_iter": args.max_iter, "learning_rate": args.learning_rate, "workers": args.workers,
                    "min_cells_per_leaf": args.min_cells_per_leaf}
+    image_ids = cells["ID"].to_numpy()
+    table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
     if args.relabel_folds:
-        image_ids = cells["ID"].to_numpy()
         oof = cell_classifier.out_of_fold_predictions(features, targets, image_ids, args.relabel_folds, args.seed,
                                                       **fit_options)
-        table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
         targets = cell_classifier.relabel_targets(oof, image_ids, broadcast_image_labels(image_ids, table))
         log.info("targets relabelled from %d-fold out-of-fold predictions: %.1f s", args.relabel_folds, time.time() - started)
     classifier = cell_classifier.fit_cell_classifier(features, targets, args.seed, **fit_options)
+    if args.mil_models:
+        fields, field_index = np.unique(image_ids, return_inverse=True)
+        classifier["mil"] = cell_mil.fit_mil_model(features, field_index, broadcast_image_labels(fields, table),
+                                                   args.seed, args.mil_models, threshold=args.mil_threshold)
+        log.info("multiple-instance MLPs fit to the labels of %d fields: %.1f s", len(fields), time.time() - started)
     path = outputs.feature_model_path(args.run_name)
     cell_classifier.save(classifier, path)
     fitted = sum(not isinstance(model, (float, type(None))) for model in classifier["models"])
