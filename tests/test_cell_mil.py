@@ -59,7 +59,7 @@ def test_numpy_prediction_by_hand_and_field_rate_of_unfit_classes():
     model = cell_mil.fit_mil_model(np.zeros((8, 2)), np.repeat(np.arange(4), 2), labels, n_models=1, epochs=1)
     assert model["classes"] == [CLS]
     # replace the fitted network by one computed by hand: relu(x @ W1 + b1) -> ... -> sigmoid
-    model.update(mean=np.array([1.0, 0.0]), scale=np.array([2.0, 1.0]))
+    model.update(mean=np.array([1.0, 0.0]), scale=np.array([2.0, 1.0]), low=np.array([-5.0, -2.0]), high=np.array([3.0, 5.0]))
     model["networks"] = [[(np.array([[1.0, -1.0], [0.5, 2.0]]), np.array([0.0, 1.0])),
                           (np.eye(2), np.zeros(2)), (np.array([[1.0], [-1.0]]), np.array([0.25]))]]
     x = np.array([[3.0, 1.0], [1.0, -2.0]])  # standardised: [1, 1] and [0, -2]
@@ -68,6 +68,8 @@ def test_numpy_prediction_by_hand_and_field_rate_of_unfit_classes():
     got = cell_mil.predict_mil_model(model, x)
     assert np.allclose(got[:, CLS], 1 / (1 + np.exp(-logits)))
     assert np.all(got[:, 5] == 1) and np.all(got[:, NEGATIVE] == 0)
+    # beyond the training range a descriptor is held at the range's end: [9, 1] reads as [3, 1], [1, -7] as [1, -2]
+    assert np.array_equal(cell_mil.predict_mil_model(model, np.array([[9.0, 1.0], [1.0, -7.0]])), got)
 
 
 def test_bad_shapes_are_refused():

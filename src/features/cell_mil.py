@@ -12,8 +12,9 @@ The threshold (the share of a field's cells above which it counts as labelled) c
 from the labels: every value fits them about equally well (a learned one stays where it starts).
 It is a prior on how labels were made: 0.3 chosen on synthetic style 1 (README).
 
-The fitted model is plain numpy (weights of `n_models` MLPs fit from different seeds, and the
-descriptors' standardisation), so prediction needs no torch.
+The fitted model is plain numpy (weights of `n_models` MLPs fit from different seeds, the
+descriptors' standardisation and their training range, to which new cells are clipped), so
+prediction needs no torch.
 """
 from __future__ import annotations
 
@@ -57,8 +58,11 @@ def fit_mil_model(features: np.ndarray, field_index: np.ndarray, field_labels: n
         raise ValueError("a field index is outside the field labels")
     rate = field_labels.mean(0) if len(field_labels) else np.zeros(NUM_CLASSES)
     classes = [cls for cls in range(NUM_CLASSES) if cls != NEGATIVE and 0 < rate[cls] < 1]
-    mean, scale = features.mean(0) if len(features) else 0.0, features.std(0) + 1e-6 if len(features) else 1.0
-    model = {"mean": mean, "scale": scale, "classes": classes, "rate": rate, "networks": []}
+    n_features = features.shape[1]
+    low, high = (features.min(0), features.max(0)) if len(features) else (np.zeros(n_features), np.zeros(n_features))
+    mean, spread = (features.mean(0), features.std(0)) if len(features) else (np.zeros(n_features), np.ones(n_features))
+    scale = np.where(spread > 1e-6, spread, 1.0)
+    model = {"mean": mean, "scale": scale, "low": low, "high": high, "classes": classes, "rate": rate, "networks": []}
     if not classes:
         return model
     inputs = torch.tensor((features - mean) / scale, dtype=torch.float32)
@@ -89,7 +93,9 @@ def predict_mil_model(model: dict, features: np.ndarray) -> np.ndarray:
     probabilities[:, unfit] = np.asarray(model["rate"])[unfit]
     if not len(features) or not model["networks"]:
         return probabilities
-    inputs = (features - model["mean"]) / model["scale"]
+    # a descriptor beyond the range it spanned in training is held at that range's end, as the trees
+    # do: an unseen style must not drive the ReLU layers to extrapolate far from the training cells
+    inputs = (np.clip(features, model["low"], model["high"]) - model["mean"]) / model["scale"]
     total = np.zeros((len(features), len(model["classes"])))
     for layers in model["networks"]:
         activations = inputs
