@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 from src.data.classes import NEGATIVE, NUM_CLASSES
 
@@ -58,9 +59,11 @@ def fit_mil_model(features: np.ndarray, field_index: np.ndarray, field_labels: n
         raise ValueError("a field index is outside the field labels")
     rate = field_labels.mean(0) if len(field_labels) else np.zeros(NUM_CLASSES)
     classes = [cls for cls in range(NUM_CLASSES) if cls != NEGATIVE and 0 < rate[cls] < 1]
-    n_features = features.shape[1]
-    low, high = (features.min(0), features.max(0)) if len(features) else (np.zeros(n_features), np.zeros(n_features))
-    mean, spread = (features.mean(0), features.std(0)) if len(features) else (np.zeros(n_features), np.ones(n_features))
+    if len(features):
+        low, high, mean, spread = features.min(0), features.max(0), features.mean(0), features.std(0)
+    else:
+        low = high = mean = np.zeros(features.shape[1])
+        spread = np.ones(features.shape[1])
     scale = np.where(spread > 1e-6, spread, 1.0)
     model = {"mean": mean, "scale": scale, "low": low, "high": high, "classes": classes, "rate": rate, "networks": []}
     if not classes:
@@ -103,6 +106,6 @@ def predict_mil_model(model: dict, features: np.ndarray) -> np.ndarray:
             activations = activations @ weight + bias
             if depth < len(layers) - 1:
                 activations = np.maximum(activations, 0)
-        total += 1 / (1 + np.exp(-activations))
+        total += expit(activations)
     probabilities[:, model["classes"]] = total / len(model["networks"])
     return probabilities
