@@ -64,8 +64,8 @@ def test_upsampled_indices_repeat_minority_cells():
     assert len(cellwise.upsampled_indices(targets, 0)) == 40
 
 
-@pytest.mark.parametrize("border_down_weight", ["0", "0.5"])
-def test_train_cellwise_end_to_end(tmp_path, border_down_weight):
+@pytest.mark.parametrize("border_down_weight, field_pooling", [("0", "0"), ("0.5", "1")])
+def test_train_cellwise_end_to_end(tmp_path, border_down_weight, field_pooling):
     layout = write_synthetic_dataset(tmp_path / "data", 10, 0, SyntheticConfig(image_size=96, cells_min=3, cells_max=4), 3)
     table = read_label_table(layout.train_csv)
     assign_folds(table, 5, seed=0).to_csv(layout.folds_csv, index=False)
@@ -88,7 +88,7 @@ def test_train_cellwise_end_to_end(tmp_path, border_down_weight):
             "--img_size", "32", "--batch_size", "4", "--workers", "0", "--gradient-accumulation-steps", "2",
             "--epochs", "1", "--scheduler", "Cosine", "--out_dir", "cells", "--init-weights", "none",
             "--selection", str(selection), "--eval-at-start", "--log-every", "0"]
-    assert cellwise.main(args + ["--border-down-weight", border_down_weight]) == 0
+    assert cellwise.main(args + ["--border-down-weight", border_down_weight, "--field-pooling", field_pooling]) == 0
     run_dir = outputs.model_dir("cells", 1)
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert {"val_binned_accuracy", "val_map", "val_focal_loss"} <= set(metrics.columns) and len(metrics) == 2
@@ -255,3 +255,32 @@ def test_cell_dataset_appends_the_border_weight(tmp_path):
 def test_border_down_weight_out_of_range_is_refused():
     with pytest.raises(UserInputError, match="border-down-weight"):
         cellwise.parse_args(["--fold", "0", "--border-down-weight", "1.5"])
+    for bad in (["--field-pooling", "-1"], ["--pool-threshold", "1"]):
+        with pytest.raises(UserInputError, match="field-pooling"):
+            cellwise.parse_args(["--fold", "0", *bad])
+
+
+def test_field_pooled_loss_by_hand():
+    """Two fields in a batch whose cells come in any order: the cell loss plus weight x the log loss
+    of each field's pooled share, summed over the pattern classes (not Negative) and averaged over fields."""
+    from src.data.classes import NEGATIVE
+    from src.train.losses import get_loss
+
+    probabilities = torch.full((5, 19), 0.5)
+    probabilities[:, 0] = torch.tensor([0.9, 0.1, 0.7, 0.2, 0.3])
+    logits = torch.logit(probabilities)
+    cell_targets = torch.rand(5, 19, generator=torch.Generator().manual_seed(1))
+    image_labels = torch.zeros(5, 19)
+    image_labels[[0, 2, 4], 0] = 1        # field 7 (cells 0, 2, 4) is labelled with class 0
+    image_labels[:, NEGATIVE] = 1         # Negative is not pooled: its label must not count
+    field = torch.tensor([7.0, 3.0, 7.0, 3.0, 7.0])[:, None]
+    loss = cellwise.FieldPooledLoss(get_loss("FocalLoss"), weight=2.0, threshold=0.3)
+    value = loss(logits, torch.cat([cell_targets, image_labels, field], 1))
+
+    def pooled(share):
+        return 1 / (1 + np.exp(-30 * (share - 0.3)))
+    labelled, unlabelled = pooled((0.9 + 0.7 + 0.3) / 3), pooled((0.1 + 0.2) / 2)
+    both_other = 2 * 17 * -np.log(1 - pooled(0.5))  # the 17 other pattern classes at 0.5, both fields unlabelled
+    field_term = (-np.log(labelled) - np.log(1 - unlabelled) + both_other) / 2
+    expected = get_loss("FocalLoss")(logits, cell_targets).item() + 2.0 * field_term
+    assert value.item() == pytest.approx(expected, rel=1e-4)

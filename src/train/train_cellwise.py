@@ -13,6 +13,9 @@ Validation: focal loss, accuracy in 0.05-wide bins and mAP with targets >= 0.5 a
 (the share of its outline on the field border, from the bbox record), for any loss: the exact
 weighted loss for per-cell sums (focal, BCE, Lovasz); for the mined hard log losses, the selected
 cells' terms are scaled. The logged loss stays unweighted; validation is not weighted.
+`--field-pooling W`: cells are drawn field by field and the loss gains W x a multiple-instance term,
+each field's mean cell probability pooled against --pool-threshold and taken against its image label
+(`FieldPooledLoss`), so the image labels reach the cells without being broadcast to each of them.
 Default schedule Adam20WarmUP, as the reference's train_cellwise. All other flags as in
 src.train.train_bestfitting.
 """
@@ -31,9 +34,10 @@ from torch.utils.data import Dataset
 
 from src.data.bbox_records import border_weights, masked_crop, read_record, record_path
 from src.data.cache import load_full_resolution
-from src.data.classes import CLASS_NAMES, NUM_CLASSES, class_index, class_slug
+from src.data.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES, class_index, class_slug
 from src.data.labels import labels_to_multihot, read_label_tables
 from src.data.schema import DatasetLayout, OutputLayout
+from src.features import cell_mil
 from src.predict import pseudo_label_store as store
 from src.predict.cell_inputs import cellwise_input
 from src.train import train_bestfitting as image_level
@@ -140,15 +144,45 @@ class BorderWeightedLoss(torch.nn.Module):
         return self.loss(scaled, targets[:, :-1])
 
 
+class FieldPooledLoss(torch.nn.Module):
+    """`loss` on the cells' own targets plus `weight` x a multiple-instance term on their fields' image
+    labels. Targets are [cell targets (C) | the image label of the cell's field (C) | field number (1)].
+    The cells of each field in the batch are pooled as in `cell_mil.field_probability` (their mean
+    probability against `threshold`, the share of cells above which a field counts as labelled) and the
+    log loss of that pooled probability against the image label is summed over the pattern classes and
+    averaged over the fields. Broadcasting the label tells a positive cell of an unlabelled field it is
+    negative; the pooled term does not, as long as the field's share stays below the threshold."""
+
+    def __init__(self, loss: torch.nn.Module, weight: float, threshold: float = cell_mil.POOL_THRESHOLD):
+        super().__init__()
+        self.loss, self.weight, self.threshold = loss, weight, threshold
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        classes = logits.shape[1]
+        cell_targets, image_labels = targets[:, :classes], targets[:, classes:2 * classes]
+        _, field_index = torch.unique(targets[:, 2 * classes].round().long(), return_inverse=True)
+        n_fields = int(field_index.max()) + 1
+        pooled = cell_mil.field_probability(torch.sigmoid(logits.float()), field_index, n_fields, self.threshold)
+        field_labels = image_labels.new_zeros(n_fields, classes)
+        field_labels[field_index] = image_labels  # every cell of a field carries the same label
+        patterns = torch.arange(classes, device=logits.device) != NEGATIVE
+        field_loss = torch.nn.functional.binary_cross_entropy(pooled[:, patterns].clamp(1e-5, 1 - 1e-5),
+                                                              field_labels[:, patterns], reduction="sum") / n_fields
+        return self.loss(logits, cell_targets) + self.weight * field_loss
+
+
 class CellDataset(Dataset):
     """Cell crops as cell-level inputs; (image, target, index) for keys (index, epoch). With
     `border_down_weight` > 0 the target gains a last column, the cell's weight for BorderWeightedLoss.
+    `groups` (N,), each cell's field number, makes the trainer draw the cells field by field.
     When all inputs fit in `memory_budget` bytes they are computed once, on construction."""
 
     def __init__(self, layout: DatasetLayout, bboxes_dir: Path, cells: pd.DataFrame, targets: np.ndarray,
                  img_size: int, augment: bool = False, seed: int = 0, in_channels: int = 4,
-                 border_down_weight: float = 0.0, memory_budget: int = INPUT_MEMORY_BYTES):
+                 border_down_weight: float = 0.0, memory_budget: int = INPUT_MEMORY_BYTES,
+                 groups: np.ndarray | None = None):
         self.layout, self.bboxes_dir, self.img_size = layout, bboxes_dir, img_size
+        self.groups = groups
         self.augment, self.seed, self.in_channels = augment, seed, in_channels
         self.border_down_weight = border_down_weight
         self.ids, self.cell_i, self.sources = cells["ID"].tolist(), cells["cell_i"].tolist(), cells["source"].tolist()
@@ -263,11 +297,19 @@ def parse_args(argv=None):
                         help="repeat cells of minority classes this many times (0: off)")
     parser.add_argument("--border-down-weight", type=float, default=0.0,
                         help="scale each training cell's gradient by 1 - this x its border fraction (0: off)")
+    parser.add_argument("--field-pooling", type=float, default=0.0,
+                        help="add this x a multiple-instance loss: the mean probability of each field's cells "
+                             "pooled against --pool-threshold, taken against the image label (0: off); "
+                             "cells are then drawn field by field")
+    parser.add_argument("--pool-threshold", type=float, default=cell_mil.POOL_THRESHOLD,
+                        help="share of a field's cells above which it counts as labelled, for --field-pooling")
     args = parser.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = f"cellwise_{args.arch}_{args.img_size}__gradaccum_{args.gradient_accumulation_steps}"
     if not 0 <= args.border_down_weight <= 1:
         raise UserInputError("--border-down-weight must be in [0, 1]")
+    if args.field_pooling < 0 or not 0 < args.pool_threshold < 1:
+        raise UserInputError("--field-pooling must be >= 0 and --pool-threshold in (0, 1)")
     return image_level.finish_args(args)
 
 
@@ -290,10 +332,21 @@ def train(args, device: torch.device, dist_info) -> int:
         raise UserInputError(f"fold {args.fold}: {len(train_rows)} training and {len(valid_rows)} validation cells")
     log.info("fold %d: %d training cells (after upsampling), %d validation cells at %d px", args.fold,
              len(train_rows), len(valid_rows), args.img_size)
+    fields = cells["source"] + "/" + cells["ID"]
+    field_number = pd.factorize(fields)[0].astype(np.float32)
+    if args.field_pooling:  # training targets carry the field's image label and number for FieldPooledLoss
+        table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
+        pooled_targets = np.hstack([targets, broadcast_image_labels(cells["ID"].to_numpy(), table), field_number[:, None]])
     make = lambda rows, training: CellDataset(  # noqa: E731
-        layout, outputs.bboxes_dir, cells.iloc[rows].reset_index(drop=True), targets[rows], args.img_size, training,
-        args.seed, args.in_channels, args.border_down_weight if training else 0.0)
-    loss = BorderWeightedLoss(get_loss(args.loss)) if args.border_down_weight else None
+        layout, outputs.bboxes_dir, cells.iloc[rows].reset_index(drop=True),
+        pooled_targets[rows] if training and args.field_pooling else targets[rows], args.img_size, training,
+        args.seed, args.in_channels, args.border_down_weight if training else 0.0,
+        groups=field_number[rows] if training and args.field_pooling else None)
+    loss = get_loss(args.loss)
+    if args.field_pooling:
+        loss = FieldPooledLoss(loss, args.field_pooling, args.pool_threshold)
+    if args.border_down_weight:
+        loss = BorderWeightedLoss(loss)
     return image_level.run_training(args, device, dist_info, make(train_rows, True), make(valid_rows, False),
                                     cell_level_metrics, *SELECT_BY[args.select_by], loss_fn=loss)
 
