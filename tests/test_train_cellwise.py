@@ -261,26 +261,38 @@ def test_border_down_weight_out_of_range_is_refused():
 
 
 def test_field_pooled_loss_by_hand():
-    """Two fields in a batch whose cells come in any order: the cell loss plus weight x the log loss
-    of each field's pooled share, summed over the pattern classes (not Negative) and averaged over fields."""
+    """Fields 0 (cells 0, 2, 4) and 1 (cells 1, 3); a batch of cells 0 (twice) and 3. Each field's share
+    is its batch cells' live probability plus the remembered one of the rest, over its size; the loss
+    is the cell loss plus weight x the pooled log loss summed over the pattern classes (not Negative)
+    and averaged over the batch's fields. The batch's cells are then remembered."""
     from src.data.classes import NEGATIVE
     from src.train.losses import get_loss
 
-    probabilities = torch.full((5, 19), 0.5)
-    probabilities[:, 0] = torch.tensor([0.9, 0.1, 0.7, 0.2, 0.3])
+    field_index = np.array([0, 1, 0, 1, 0])
+    initial = np.full((5, 19), 0.2)
+    initial[:, 0] = [0.0, 0.1, 0.6, 0.2, 0.3]
+    probabilities = torch.full((3, 19), 0.2)
+    probabilities[:, 0] = torch.tensor([0.8, 0.4, 0.5])       # cell 0 seen twice: 0.8 and 0.4 -> 0.6
     logits = torch.logit(probabilities)
-    cell_targets = torch.rand(5, 19, generator=torch.Generator().manual_seed(1))
-    image_labels = torch.zeros(5, 19)
-    image_labels[[0, 2, 4], 0] = 1        # field 7 (cells 0, 2, 4) is labelled with class 0
-    image_labels[:, NEGATIVE] = 1         # Negative is not pooled: its label must not count
-    field = torch.tensor([7.0, 3.0, 7.0, 3.0, 7.0])[:, None]
-    loss = cellwise.FieldPooledLoss(get_loss("FocalLoss"), weight=2.0, threshold=0.3)
-    value = loss(logits, torch.cat([cell_targets, image_labels, field], 1))
+    cell_targets = torch.rand(3, 19, generator=torch.Generator().manual_seed(1))
+    image_labels = torch.zeros(3, 19)
+    image_labels[:2, 0] = 1                                   # field 0 is labelled with class 0
+    image_labels[:, NEGATIVE] = 1                             # Negative is not pooled
+    cell = torch.tensor([0.0, 0.0, 3.0])[:, None]
+    loss = cellwise.FieldPooledLoss(get_loss("FocalLoss"), 2.0, field_index, initial, threshold=0.3)
+    value = loss(logits, torch.cat([cell_targets, image_labels, cell], 1))
 
     def pooled(share):
         return 1 / (1 + np.exp(-30 * (share - 0.3)))
-    labelled, unlabelled = pooled((0.9 + 0.7 + 0.3) / 3), pooled((0.1 + 0.2) / 2)
-    both_other = 2 * 17 * -np.log(1 - pooled(0.5))  # the 17 other pattern classes at 0.5, both fields unlabelled
-    field_term = (-np.log(labelled) - np.log(1 - unlabelled) + both_other) / 2
+    share_0, share_1 = (0.6 + 0.6 + 0.3) / 3, (0.1 + 0.5) / 2
+    rest = 2 * 17 * -np.log(1 - pooled(0.2))                  # the 17 other pattern classes at 0.2, both unlabelled
+    field_term = (-np.log(pooled(share_0)) - np.log(1 - pooled(share_1)) + rest) / 2
     expected = get_loss("FocalLoss")(logits, cell_targets).item() + 2.0 * field_term
     assert value.item() == pytest.approx(expected, rel=1e-4)
+    assert loss.memory[[0, 3], 0].tolist() == pytest.approx([0.6, 0.5])
+    assert loss.field_sums[:, 0].tolist() == pytest.approx([0.6 + 0.6 + 0.3, 0.1 + 0.5])
+    # a second batch of cell 2 alone sees cell 0 as remembered
+    again = loss(torch.logit(torch.full((1, 19), 0.2)), torch.cat([cell_targets[:1], image_labels[:1], torch.tensor([[2.0]])], 1))
+    field_term = (-np.log(pooled((0.6 + 0.2 + 0.3) / 3)) - 17 * np.log(1 - pooled(0.2)))
+    assert again.item() == pytest.approx(get_loss("FocalLoss")(torch.logit(torch.full((1, 19), 0.2)),
+                                                               cell_targets[:1]).item() + 2.0 * field_term, rel=1e-4)

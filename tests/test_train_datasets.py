@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from src.data.schema import DatasetLayout
-from src.train.datasets import (GroupedSampler, ImageLevelDataset, ResumableDistributedSampler, dihedral, dihedral_index,
+from src.train.datasets import (ImageLevelDataset, ResumableDistributedSampler, dihedral, dihedral_index,
                                 fold_split, micro_batch_sizes)
 from src.utils.io import UserInputError
 from tests.test_train_helpers import make_tiny_dataset
@@ -82,28 +82,3 @@ def test_sampler_shards_start_and_tags() -> None:
     single.set_start(4)
     assert [index for index, _ in single] == order[4:] and len(single) == 6
     assert micro_batch_sizes(10, 4) == [4, 4, 2] and micro_batch_sizes(10, 4, drop_last=True) == [4, 4]
-
-
-def test_grouped_sampler_keeps_groups_together_and_covers_every_sample() -> None:
-    groups = np.repeat(np.array([5, 2, 9, 4, 0, 7]), [3, 1, 4, 2, 5, 2])   # 17 samples in 6 groups
-    data = list(range(len(groups)))
-    orders = []
-    for epoch in (0, 1):
-        sampler = GroupedSampler(data, groups, seed=3)
-        sampler.set_epoch(epoch)
-        order = [index for index, tag in sampler]
-        assert sorted(order) == data and {tag for _, tag in sampler} == {epoch}
-        runs = [groups[i] for k, i in enumerate(order) if k == 0 or groups[i] != groups[order[k - 1]]]
-        assert sorted(runs) == sorted(set(groups.tolist()))  # each group appears as one run
-        orders.append(order)
-    assert orders[0] != orders[1]
-    again = GroupedSampler(data, groups, seed=3)
-    again.set_start(5)
-    assert [index for index, _ in again] == orders[0][5:]
-    shards = []
-    for rank in range(2):  # two ranks: contiguous halves of one order, padded to 9 each
-        sampler = GroupedSampler(data, groups, num_replicas=2, rank=rank, seed=3)
-        shards.append([index for index, _ in sampler])
-    assert len(shards[0]) == len(shards[1]) == 9 and shards[0] + shards[1][:8] == orders[0]
-    with pytest.raises(ValueError, match="group labels"):
-        GroupedSampler(data, groups[:-1])

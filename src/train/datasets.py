@@ -1,4 +1,4 @@
-"""Image-level training data: fold split, the field dataset with seeded dihedral flips, resumable samplers.
+"""Image-level training data: fold split, the field dataset with seeded dihedral flips, a resumable sampler.
 
 Items are `(image, target, index)`: image a (C, S, S) uint8 tensor (the model normalises it), target a
 float32 (19,) multi-hot vector, index the row in the dataset (used to de-duplicate padded evaluation
@@ -131,36 +131,12 @@ class ResumableDistributedSampler(DistributedSampler):
             raise ValueError(f"start {start} outside 0..{self.num_samples}")
         self.start = start
 
-    def epoch_indices(self) -> list[int]:
-        """This rank's indices for the current epoch, before `set_start`."""
-        return [int(i) for i in super().__iter__()]
-
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter([(i, self.epoch) for i in self.epoch_indices()[self.start:]])
+        indices = list(super().__iter__())[self.start:]
+        return iter([(int(i), self.epoch) for i in indices])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
-
-
-class GroupedSampler(ResumableDistributedSampler):
-    """ResumableDistributedSampler that keeps the members of each group (the cells of one field) next to
-    each other: groups in a seeded random order per epoch, members shuffled within their group, and each
-    rank a contiguous block of that order, so consecutive micro-batches hold whole groups (a group can
-    still straddle two of them). `groups` (N,): each sample's group label."""
-
-    def __init__(self, dataset: Dataset, groups: np.ndarray, num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.groups = np.asarray(groups)
-        if len(self.groups) != len(dataset):  # type: ignore[arg-type]
-            raise ValueError(f"{len(self.groups)} group labels for {len(dataset)} samples")  # type: ignore[arg-type]
-
-    def epoch_indices(self) -> list[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        labels, group_of = np.unique(self.groups, return_inverse=True)
-        order = np.argsort(rng.permutation(len(labels))[group_of] * len(group_of) + rng.permutation(len(group_of)),
-                           kind="stable")
-        padded = np.resize(order, self.total_size) if len(order) else order
-        return [int(i) for i in padded[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]]
 
 
 def micro_batch_sizes(num_samples: int, batch_size: int, drop_last: bool = False) -> list[int]:

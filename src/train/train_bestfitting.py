@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from src.data.schema import DatasetLayout, OutputLayout
 from src.train.copy_paste import RarePasteDataset
-from src.train.datasets import (GroupedSampler, ImageLevelDataset, ResumableDistributedSampler, SampleReadError,
-                                 fold_split, make_loader)
+from src.train.datasets import (ImageLevelDataset, ResumableDistributedSampler, SampleReadError, fold_split,
+                                 make_loader)
 from src.train.distributed import cleanup_distributed, init_distributed
 from src.train.losses import LOSSES, get_loss
 from src.train.metrics import image_level_metrics
@@ -261,9 +261,7 @@ def run_training(args: argparse.Namespace, device: torch.device, dist_info, trai
     resuming = args.resume_from is not None
     world, rank_ = dist_info.world_size, dist_info.rank
     pin = device.type == "cuda"
-    groups = getattr(train_set, "groups", None)  # a set that names groups is drawn group by group
-    train_sampler = (ResumableDistributedSampler(train_set, world, rank_, True, args.seed) if groups is None
-                     else GroupedSampler(train_set, groups, world, rank_, args.seed))
+    train_sampler = ResumableDistributedSampler(train_set, world, rank_, True, args.seed)
     # A last training batch of one sample cannot pass the head's BatchNorm: drop it (it reshuffles each epoch).
     lone_last = train_sampler.num_samples % args.batch_size == 1 and train_sampler.num_samples > 1
     train_loader = make_loader(train_set, train_sampler, args.batch_size, args.workers, pin, args.seed, lone_last)
