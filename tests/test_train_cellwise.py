@@ -64,8 +64,8 @@ def test_upsampled_indices_repeat_minority_cells():
     assert len(cellwise.upsampled_indices(targets, 0)) == 40
 
 
-@pytest.mark.parametrize("border_down_weight, field_pooling", [("0", "0"), ("0.5", "1")])
-def test_train_cellwise_end_to_end(tmp_path, border_down_weight, field_pooling):
+@pytest.mark.parametrize("border_down_weight", ["0", "0.5"])
+def test_train_cellwise_end_to_end(tmp_path, border_down_weight):
     layout = write_synthetic_dataset(tmp_path / "data", 10, 0, SyntheticConfig(image_size=96, cells_min=3, cells_max=4), 3)
     table = read_label_table(layout.train_csv)
     assign_folds(table, 5, seed=0).to_csv(layout.folds_csv, index=False)
@@ -88,7 +88,7 @@ def test_train_cellwise_end_to_end(tmp_path, border_down_weight, field_pooling):
             "--img_size", "32", "--batch_size", "4", "--workers", "0", "--gradient-accumulation-steps", "2",
             "--epochs", "1", "--scheduler", "Cosine", "--out_dir", "cells", "--init-weights", "none",
             "--selection", str(selection), "--eval-at-start", "--log-every", "0"]
-    assert cellwise.main(args + ["--border-down-weight", border_down_weight, "--field-pooling", field_pooling]) == 0
+    assert cellwise.main(args + ["--border-down-weight", border_down_weight]) == 0
     run_dir = outputs.model_dir("cells", 1)
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert {"val_binned_accuracy", "val_map", "val_focal_loss"} <= set(metrics.columns) and len(metrics) == 2
@@ -255,44 +255,3 @@ def test_cell_dataset_appends_the_border_weight(tmp_path):
 def test_border_down_weight_out_of_range_is_refused():
     with pytest.raises(UserInputError, match="border-down-weight"):
         cellwise.parse_args(["--fold", "0", "--border-down-weight", "1.5"])
-    for bad in (["--field-pooling", "-1"], ["--pool-threshold", "1"]):
-        with pytest.raises(UserInputError, match="field-pooling"):
-            cellwise.parse_args(["--fold", "0", *bad])
-
-
-def test_field_pooled_loss_by_hand():
-    """Fields 0 (cells 0, 2, 4) and 1 (cells 1, 3); a batch of cells 0 (twice) and 3. Each field's share
-    is its batch cells' live probability plus the remembered one of the rest, over its size; the loss
-    is the cell loss plus weight x the pooled log loss summed over the pattern classes (not Negative)
-    and averaged over the batch's fields. The batch's cells are then remembered."""
-    from src.data.classes import NEGATIVE
-    from src.train.losses import get_loss
-
-    field_index = np.array([0, 1, 0, 1, 0])
-    initial = np.full((5, 19), 0.2)
-    initial[:, 0] = [0.0, 0.1, 0.6, 0.2, 0.3]
-    probabilities = torch.full((3, 19), 0.2)
-    probabilities[:, 0] = torch.tensor([0.8, 0.4, 0.5])       # cell 0 seen twice: 0.8 and 0.4 -> 0.6
-    logits = torch.logit(probabilities)
-    cell_targets = torch.rand(3, 19, generator=torch.Generator().manual_seed(1))
-    image_labels = torch.zeros(3, 19)
-    image_labels[:2, 0] = 1                                   # field 0 is labelled with class 0
-    image_labels[:, NEGATIVE] = 1                             # Negative is not pooled
-    cell = torch.tensor([0.0, 0.0, 3.0])[:, None]
-    loss = cellwise.FieldPooledLoss(get_loss("FocalLoss"), 2.0, field_index, initial, threshold=0.3)
-    value = loss(logits, torch.cat([cell_targets, image_labels, cell], 1))
-
-    def pooled(share):
-        return 1 / (1 + np.exp(-30 * (share - 0.3)))
-    share_0, share_1 = (0.6 + 0.6 + 0.3) / 3, (0.1 + 0.5) / 2
-    rest = 2 * 17 * -np.log(1 - pooled(0.2))                  # the 17 other pattern classes at 0.2, both unlabelled
-    field_term = (-np.log(pooled(share_0)) - np.log(1 - pooled(share_1)) + rest) / 2
-    expected = get_loss("FocalLoss")(logits, cell_targets).item() + 2.0 * field_term
-    assert value.item() == pytest.approx(expected, rel=1e-4)
-    assert loss.memory[[0, 3], 0].tolist() == pytest.approx([0.6, 0.5])
-    assert loss.field_sums[:, 0].tolist() == pytest.approx([0.6 + 0.6 + 0.3, 0.1 + 0.5])
-    # a second batch of cell 2 alone sees cell 0 as remembered
-    again = loss(torch.logit(torch.full((1, 19), 0.2)), torch.cat([cell_targets[:1], image_labels[:1], torch.tensor([[2.0]])], 1))
-    field_term = (-np.log(pooled((0.6 + 0.2 + 0.3) / 3)) - 17 * np.log(1 - pooled(0.2)))
-    assert again.item() == pytest.approx(get_loss("FocalLoss")(torch.logit(torch.full((1, 19), 0.2)),
-                                                               cell_targets[:1]).item() + 2.0 * field_term, rel=1e-4)

@@ -37,7 +37,7 @@ def field_probability(cell_probabilities: torch.Tensor, field_index: torch.Tenso
                       threshold: float = POOL_THRESHOLD) -> torch.Tensor:
     """(n_fields, C) probability that each field is labelled: sigmoid(POOL_SLOPE * (mean over its cells - threshold))."""
     counts = torch.bincount(field_index, minlength=n_fields).clamp(min=1).to(cell_probabilities.dtype)[:, None]
-    share = cell_probabilities.new_zeros(n_fields, cell_probabilities.shape[1])
+    share = torch.zeros(n_fields, cell_probabilities.shape[1], dtype=cell_probabilities.dtype)
     share = share.index_add(0, field_index, cell_probabilities) / counts
     return torch.sigmoid(POOL_SLOPE * (share - threshold))
 

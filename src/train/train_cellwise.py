@@ -13,9 +13,6 @@ Validation: focal loss, accuracy in 0.05-wide bins and mAP with targets >= 0.5 a
 (the share of its outline on the field border, from the bbox record), for any loss: the exact
 weighted loss for per-cell sums (focal, BCE, Lovasz); for the mined hard log losses, the selected
 cells' terms are scaled. The logged loss stays unweighted; validation is not weighted.
-`--field-pooling W`: the loss gains W x a multiple-instance term, each field's mean cell probability
-(the batch's cells live, the rest remembered) pooled against --pool-threshold and taken against its
-image label (`FieldPooledLoss`), so the image labels reach the cells without being broadcast to each.
 Default schedule Adam20WarmUP, as the reference's train_cellwise. All other flags as in
 src.train.train_bestfitting.
 """
@@ -34,10 +31,9 @@ from torch.utils.data import Dataset
 
 from src.data.bbox_records import border_weights, masked_crop, read_record, record_path
 from src.data.cache import load_full_resolution
-from src.data.classes import CLASS_NAMES, NEGATIVE, NUM_CLASSES, class_index, class_slug
+from src.data.classes import CLASS_NAMES, NUM_CLASSES, class_index, class_slug
 from src.data.labels import labels_to_multihot, read_label_tables
 from src.data.schema import DatasetLayout, OutputLayout
-from src.features import cell_mil
 from src.predict import pseudo_label_store as store
 from src.predict.cell_inputs import cellwise_input
 from src.train import train_bestfitting as image_level
@@ -142,55 +138,6 @@ class BorderWeightedLoss(torch.nn.Module):
         weights = targets[:, -1:]
         scaled = logits * weights + (logits * (1 - weights)).detach()
         return self.loss(scaled, targets[:, :-1])
-
-
-class FieldPooledLoss(torch.nn.Module):
-    """`loss` on the cells' own targets plus `weight` x a multiple-instance term on their fields' image
-    labels. Targets are [cell targets (C) | the image label of the cell's field (C) | cell number (1)],
-    the cell number a row of `field_index` (each cell's field) and `initial` (each cell's starting
-    probabilities). A field's share of a class is the mean probability over all its cells: live for
-    the cells in the batch, the last probability seen (detached) for the others, so batches stay
-    drawn at random (batches of whole fields put BatchNorm on a few correlated fields and made the
-    CNN worse). The share is pooled as in `cell_mil.field_probability` (against `threshold`, the share
-    above which a field counts as labelled); its log loss against the image label is summed over the
-    pattern classes and averaged over the batch's fields. Broadcasting the label tells a positive cell
-    of an unlabelled field that it is negative; the pooled term does not, as long as the field's share
-    stays below the threshold. Under DDP each process keeps its own memory of the cells it saw."""
-
-    def __init__(self, loss: torch.nn.Module, weight: float, field_index: np.ndarray, initial: np.ndarray,
-                 threshold: float = cell_mil.POOL_THRESHOLD):
-        super().__init__()
-        self.loss, self.weight, self.threshold = loss, weight, threshold
-        self.field_index = torch.as_tensor(np.asarray(field_index), dtype=torch.long)
-        self.memory = torch.as_tensor(np.clip(initial, 0, 1), dtype=torch.float32).clone()
-        n_fields = int(self.field_index.max()) + 1 if len(self.field_index) else 0
-        self.field_sums = torch.zeros(n_fields, self.memory.shape[1]).index_add(0, self.field_index, self.memory)
-        self.field_sizes = torch.bincount(self.field_index, minlength=n_fields).float()[:, None]
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        classes = logits.shape[1]
-        if self.memory.device != logits.device:
-            self.memory, self.field_sums, self.field_sizes, self.field_index = (
-                t.to(logits.device) for t in (self.memory, self.field_sums, self.field_sizes, self.field_index))
-        cell_targets, image_labels = targets[:, :classes], targets[:, classes:2 * classes]
-        # a cell drawn twice in one batch (minority upsampling) counts once, at its mean probability
-        cells, position = torch.unique(targets[:, 2 * classes].round().long(), return_inverse=True)
-        live = logits.new_zeros(len(cells), classes).float().index_add(0, position, torch.sigmoid(logits.float()))
-        live = live / torch.bincount(position, minlength=len(cells)).float()[:, None]
-        fields, field_of_cell = torch.unique(self.field_index[cells], return_inverse=True)
-        change = live - self.memory[cells]
-        share = (self.field_sums[fields] + live.new_zeros(len(fields), classes).index_add(0, field_of_cell, change)) \
-            / self.field_sizes[fields]
-        pooled = torch.sigmoid(cell_mil.POOL_SLOPE * (share - self.threshold))
-        field_labels = image_labels.new_zeros(len(fields), classes)
-        field_labels[field_of_cell[position]] = image_labels  # every cell of a field carries the same label
-        patterns = torch.arange(classes, device=logits.device) != NEGATIVE
-        field_loss = torch.nn.functional.binary_cross_entropy(pooled[:, patterns].clamp(1e-5, 1 - 1e-5),
-                                                              field_labels[:, patterns], reduction="sum") / len(fields)
-        if torch.is_grad_enabled():  # remember what the batch's cells look like now
-            self.field_sums.index_add_(0, self.field_index[cells], change.detach())
-            self.memory[cells] = live.detach()
-        return self.loss(logits, cell_targets) + self.weight * field_loss
 
 
 class CellDataset(Dataset):
@@ -316,18 +263,11 @@ def parse_args(argv=None):
                         help="repeat cells of minority classes this many times (0: off)")
     parser.add_argument("--border-down-weight", type=float, default=0.0,
                         help="scale each training cell's gradient by 1 - this x its border fraction (0: off)")
-    parser.add_argument("--field-pooling", type=float, default=0.0,
-                        help="add this x a multiple-instance loss: the mean probability of each field's cells "
-                             "pooled against --pool-threshold, taken against the image label (0: off)")
-    parser.add_argument("--pool-threshold", type=float, default=cell_mil.POOL_THRESHOLD,
-                        help="share of a field's cells above which it counts as labelled, for --field-pooling")
     args = parser.parse_args(argv)
     if args.out_dir is None:
         args.out_dir = f"cellwise_{args.arch}_{args.img_size}__gradaccum_{args.gradient_accumulation_steps}"
     if not 0 <= args.border_down_weight <= 1:
         raise UserInputError("--border-down-weight must be in [0, 1]")
-    if args.field_pooling < 0 or not 0 < args.pool_threshold < 1:
-        raise UserInputError("--field-pooling must be >= 0 and --pool-threshold in (0, 1)")
     return image_level.finish_args(args)
 
 
@@ -350,20 +290,10 @@ def train(args, device: torch.device, dist_info) -> int:
         raise UserInputError(f"fold {args.fold}: {len(train_rows)} training and {len(valid_rows)} validation cells")
     log.info("fold %d: %d training cells (after upsampling), %d validation cells at %d px", args.fold,
              len(train_rows), len(valid_rows), args.img_size)
-    cell_number = np.arange(len(cells), dtype=np.float32)[:, None]
-    if args.field_pooling:  # training targets carry the field's image label and the cell's number for FieldPooledLoss
-        table = read_label_tables(layout.train_csv, layout.public_csv if args.public_data else None)
-        pooled_targets = np.hstack([targets, broadcast_image_labels(cells["ID"].to_numpy(), table), cell_number])
     make = lambda rows, training: CellDataset(  # noqa: E731
-        layout, outputs.bboxes_dir, cells.iloc[rows].reset_index(drop=True),
-        pooled_targets[rows] if training and args.field_pooling else targets[rows], args.img_size, training,
+        layout, outputs.bboxes_dir, cells.iloc[rows].reset_index(drop=True), targets[rows], args.img_size, training,
         args.seed, args.in_channels, args.border_down_weight if training else 0.0)
-    loss = get_loss(args.loss)
-    if args.field_pooling:
-        field_index = pd.factorize(cells["source"] + "/" + cells["ID"])[0]
-        loss = FieldPooledLoss(loss, args.field_pooling, field_index, targets, args.pool_threshold)
-    if args.border_down_weight:
-        loss = BorderWeightedLoss(loss)
+    loss = BorderWeightedLoss(get_loss(args.loss)) if args.border_down_weight else None
     return image_level.run_training(args, device, dist_info, make(train_rows, True), make(valid_rows, False),
                                     cell_level_metrics, *SELECT_BY[args.select_by], loss_fn=loss)
 
