@@ -123,8 +123,8 @@ def check_feature_model_stage(layout, outputs, selection):
     image_ids = cells["ID"].to_numpy()
     fields_of_cells, field_index = np.unique(image_ids, return_inverse=True)
     field_labels = cellwise.broadcast_image_labels(fields_of_cells, read_label_tables(layout.train_csv))
-    mil = cell_mil.fit_mil_model(features, field_index, field_labels, 0, 3)  # fit to the image labels alone
-    assert mil["classes"] and len(mil["networks"]) == 3
+    mil = cell_mil.fit_mil_model(features, field_index, field_labels, 0)  # fit to the image labels alone
+    assert mil["classes"] and len(mil["networks"]) == cell_mil.MIL_MODELS == 10
     refit = dict(cell_classifier.fit_cell_classifier(features, targets, max_iter=5), mil=mil)  # same data and seed
     assert np.array_equal(cell_classifier.predict_cell_classifier(refit, features),
                           cell_classifier.predict_cell_classifier(classifier, features))
