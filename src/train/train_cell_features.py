@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-cells-per-leaf", type=int, default=cell_classifier.MIN_CELLS_PER_LEAF,
                         help="cells each tree leaf holds at least (regularises classes seen in few fields)")
     parser.add_argument("--mil-models", type=int, default=cell_mil.MIL_MODELS,
-                        help="multiple-instance MLPs averaged with the trees (0: trees only; see cell_mil)")
+                        help="multiple-instance MLPs averaged with the trees (default %(default)s; 0: trees only; see cell_mil)")
     parser.add_argument("--mil-threshold", type=float, default=cell_mil.POOL_THRESHOLD,
                         help="share of a field's cells above which the MLPs' pooling takes the field as labelled")
     parser.add_argument("--seed", type=int, default=0)
