@@ -11,8 +11,9 @@ each field labelled with the class); one classifier per class is then fit on all
 trees, --mil-models small MLPs are fit on the same descriptors to the image labels alone, through a
 multiple-instance pooling of each field's cells (`src.features.cell_mil`); the saved model predicts
 the mean of the trees and those MLPs. Both go to `{output}/models/{run-name}/feature_model.joblib`.
-`predict_submission --feature-model` averages its predictions with the CNN's. It exists because a CNN trained from scratch on a small dataset's ~1000
-cells does not learn one-to-two-pixel dots, which the descriptors measure directly.
+`predict_submission --feature-model` averages its predictions with the CNN's. It exists because a
+CNN trained from scratch on a small dataset's ~1000 cells does not learn one-to-two-pixel dots, which
+the descriptors measure directly.
 """
 from __future__ import annotations
 
@@ -107,9 +108,9 @@ def main(argv=None) -> int:
     fit_options = {"max_iter": args.max_iter, "learning_rate": args.learning_rate, "workers": args.workers,
                    "min_cells_per_leaf": args.min_cells_per_leaf}
     image_ids = cells["ID"].to_numpy()
-    fields, field_index = np.unique(image_ids, return_inverse=True)
-    field_labels = broadcast_image_labels(fields, read_label_tables(layout.train_csv,
-                                                                    layout.public_csv if args.public_data else None))
+    field_ids, field_index = np.unique(image_ids, return_inverse=True)  # the MLPs' fields and each cell's row in them
+    field_labels = broadcast_image_labels(field_ids, read_label_tables(layout.train_csv,
+                                                                       layout.public_csv if args.public_data else None))
     if args.relabel_folds:
         oof = cell_classifier.out_of_fold_predictions(features, targets, image_ids, args.relabel_folds, args.seed,
                                                       **fit_options)
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     if args.mil_models:
         classifier["mil"] = cell_mil.fit_mil_model(features, field_index, field_labels, args.seed, args.mil_models,
                                                    threshold=args.mil_threshold)
-        log.info("multiple-instance MLPs fit to the labels of %d fields: %.1f s", len(fields), time.time() - started)
+        log.info("multiple-instance MLPs fit to the labels of %d fields: %.1f s", len(field_ids), time.time() - started)
     path = outputs.feature_model_path(args.run_name)
     cell_classifier.save(classifier, path)
     fitted = sum(not isinstance(model, (float, type(None))) for model in classifier["models"])
