@@ -82,20 +82,6 @@ threshold=()  # the default outliers rule; SELECT_ABOVE sets an absolute thresho
 $py -m src.denoising.select_candidates --class "Mitotic spindle" --init-below 0.4 ${threshold[@]+"${threshold[@]}"} \
   --output-dir "$OUTPUT" --dataset "$DATASET" --out "$OUTPUT/mitotic_cells_selection.csv"
 
-features=()
-feature_model="$OUTPUT/models/cell_features/feature_model.joblib"
-cell_labels=()  # the CNN's targets: the pseudo-labels, or the feature model's MLPs where it runs (README)
-rm -f "$feature_model" "$OUTPUT/models/cell_features/feature_targets.h5"  # left from an earlier run: not this one's
-if awk "BEGIN { exit !($FEATURE_WEIGHT > 0) }"; then
-  step "cell feature model"
-  $py -m src.train.train_cell_features --dataset "$DATASET" --output "$OUTPUT" --workers "$WORKERS" --no-progress \
-    --selection "$OUTPUT/mitotic_cells_selection.csv" --image-label-weight "$IMAGE_LABEL_WEIGHT" --relabel-folds "$RELABEL_FOLDS"
-  features=(--feature-model "$feature_model" --feature-weight "$FEATURE_WEIGHT")
-  if [ -f "$OUTPUT/models/cell_features/feature_targets.h5" ]; then
-    cell_labels=(--cell-level-labels-path "$OUTPUT/models/cell_features/feature_targets.h5")
-  fi
-fi
-
 step "cell-level training, $N_FOLDS folds"
 for fold in $(seq 0 "$last_fold"); do
   $py -m src.train.train_cellwise --dataset "$DATASET" --output "$OUTPUT" --fold "$fold" --arch "$ARCH" \
@@ -103,8 +89,18 @@ for fold in $(seq 0 "$last_fold"); do
     --scheduler "$SCHEDULER" --scheduler-lr-multiplier "$CELL_LR_MULT" --epochs "$CELL_EPOCHS" --out_dir "$CELL_RUN" \
     --load-state-dict-path "$OUTPUT/models/$IMAGE_RUN/fold$fold/final.pth" \
     --selection "$OUTPUT/mitotic_cells_selection.csv" --image-label-weight "$IMAGE_LABEL_WEIGHT" --resume --log-every 0 \
-    ${cell_labels[@]+"${cell_labels[@]}"} $TRAIN_FLAGS $CELL_FLAGS
+    $TRAIN_FLAGS $CELL_FLAGS
 done
+
+features=()
+feature_model="$OUTPUT/models/cell_features/feature_model.joblib"
+rm -f "$feature_model"  # a model left from an earlier run must not be taken for this one's
+if awk "BEGIN { exit !($FEATURE_WEIGHT > 0) }"; then
+  step "cell feature model"
+  $py -m src.train.train_cell_features --dataset "$DATASET" --output "$OUTPUT" --workers "$WORKERS" --no-progress \
+    --selection "$OUTPUT/mitotic_cells_selection.csv" --image-label-weight "$IMAGE_LABEL_WEIGHT" --relabel-folds "$RELABEL_FOLDS"
+  features=(--feature-model "$feature_model" --feature-weight "$FEATURE_WEIGHT")
+fi
 
 fusion=(--fusion-weight "$FUSION_WEIGHT")
 rm -f "$OUTPUT/fusion_weights.csv"  # a stale file from an earlier choose run would mislabel the report

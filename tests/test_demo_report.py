@@ -1,11 +1,8 @@
-import numpy as np
 import pandas as pd
 import pytest
 
-from src.data.classes import CLASS_NAMES, NEGATIVE
 from src.evaluation.demo_figure import plot_per_class_ap
-from src.evaluation.demo_report import pseudo_label_probabilities, target_check
-from src.predict.pseudo_label_store import write_cell_predictions
+from src.evaluation.demo_report import target_check
 
 
 def per_class_table():
@@ -27,16 +24,3 @@ def test_per_class_figure_is_written(tmp_path):
     plot_per_class_ap(tables, ["(a)", "(b)", "(d)", "(e)"], tmp_path / "bars.png")
     assert (tmp_path / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["bars.png"]
-
-
-def test_stored_predictions_with_the_selection_added(tmp_path):
-    predictions = np.zeros((3, 19))
-    predictions[:, 0] = [0.2, 0.7, 0.4]
-    predictions[:, NEGATIVE] = 0.9  # replaced by min over classes of (1 - P)
-    write_cell_predictions(tmp_path / "t.h5", ["a", "a", "b"], [0, 1, 0], [0, 0, 0], predictions)
-    pd.DataFrame({"ID": ["a", "zz"], "cell_i": [1, 0]}).to_csv(tmp_path / "mitotic_cells_selection.csv", index=False)
-    plain, added = pseudo_label_probabilities(tmp_path / "t.h5", tmp_path / "mitotic_cells_selection.csv")
-    mitotic = CLASS_NAMES.index("Mitotic spindle")
-    np.testing.assert_allclose(plain["a"][:, NEGATIVE], [0.8, 0.3], atol=1e-3)
-    assert plain["a"][1, mitotic] == 0 and added["a"][1, mitotic] == 1 and added["a"][1, NEGATIVE] == 0
-    np.testing.assert_array_equal(added["b"], plain["b"])

@@ -187,24 +187,3 @@ def test_missing_model_is_a_clear_error(pipeline_inputs, tmp_path):
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(UserInputError, match="--shard"):
         run_stage(layout, outputs, "marker", tmp_path / "y.h5", "--shard", "3/2")
-
-
-def test_cell_prediction_store_round_trip(tmp_path):
-    path = tmp_path / "targets.h5"
-    ids = np.array(["b", "b", "a", "c", "c", "c"])
-    predictions = np.random.default_rng(0).random((6, 19))
-    assert store.write_cell_predictions(path, ids, [0, 1, 0, 2, 0, 1], [0, 0, 1, 0, 0, 0], predictions) == 6
-    with store.PseudoLabels(path) as read:
-        assert len(read) == 6 and read.image_index == {"b": (0, 2), "a": (2, 1), "c": (3, 3)}
-        np.testing.assert_array_equal(read.image("c", ("cell_i",))["cell_i"], [2, 0, 1])
-        np.testing.assert_array_equal(read.column("source"), [0, 0, 1, 0, 0, 0])
-        np.testing.assert_allclose(read.column("predictions"), predictions, atol=1e-3)  # float16
-        assert read.column("predictions").dtype == np.float16 and "embeddings" not in read.handle
-    with pytest.raises(ValueError, match="contiguous"):  # image b split in two runs
-        store.write_cell_predictions(tmp_path / "bad.h5", ["b", "a", "b"], [0, 0, 1], [0, 0, 0], predictions[:3])
-    with pytest.raises(ValueError, match="do not match"):
-        store.write_cell_predictions(tmp_path / "bad.h5", ["b"], [0, 1], [0], predictions[:1])
-    assert not (tmp_path / "bad.h5").exists()
-    assert store.write_cell_predictions(tmp_path / "empty.h5", [], [], [], np.zeros((0, 19))) == 0
-    with store.PseudoLabels(tmp_path / "empty.h5") as read:
-        assert len(read) == 0 and read.image_index == {}

@@ -6,7 +6,6 @@ import torch
 
 from src.data.bbox_records import build_record, masked_crop, read_record, record_path, write_record
 from src.data.cache import cache_one
-from src.data.classes import CLASS_NAMES, NEGATIVE
 from src.data.images import read_field
 from src.data.labels import read_label_table, read_label_tables
 from src.data.make_synthetic import write_synthetic_dataset
@@ -101,10 +100,10 @@ def test_train_cellwise_end_to_end(tmp_path, border_down_weight):
         bad.write_text("ID,cell_i\n")
         cellwise.main(args[:-5] + ["--selection", str(bad)])
     if border_down_weight == "0":  # the feature model learns from the same targets and data
-        check_feature_model_stage(layout, outputs, selection, args)
+        check_feature_model_stage(layout, outputs, selection)
 
 
-def check_feature_model_stage(layout, outputs, selection, cellwise_args):
+def check_feature_model_stage(layout, outputs, selection):
     from src.data.cache import load_full_resolution
     from src.features import cell_classifier, cell_mil
     from src.features.cell_features import record_features
@@ -126,21 +125,6 @@ def check_feature_model_stage(layout, outputs, selection, cellwise_args):
     field_labels = cellwise.broadcast_image_labels(fields_of_cells, read_label_tables(layout.train_csv))
     mil = cell_mil.fit_mil_model(features, field_index, field_labels, 0)  # fit to the image labels alone
     assert mil["classes"] and len(mil["networks"]) == cell_mil.MIL_MODELS == 10
-    # the MLPs' predictions of the training cells, the CNN's targets: read back as a pseudo-label store
-    targets_path = outputs.feature_targets_h5("cell_features")
-    expected = cell_mil.predict_mil_model(mil, features)
-    expected[:, NEGATIVE] = 1 - np.delete(expected, NEGATIVE, axis=1).max(axis=1)
-    mitotic = CLASS_NAMES.index("Mitotic spindle")
-    first = (cells["ID"] == pd.read_csv(selection, dtype={"ID": str})["ID"].iloc[0]) & (cells["cell_i"] == 0)
-    expected[first.to_numpy(), mitotic] = 1.0  # the selection still sets its cells to 1
-    read_cells, read_targets = cellwise.cell_targets(layout, outputs, str(targets_path), [str(selection)], None, "0")
-    pd.testing.assert_frame_equal(read_cells, cells)
-    np.testing.assert_allclose(read_targets, expected, atol=1e-3)  # float16 on disk
-    _, blended = cellwise.cell_targets(layout, outputs, str(targets_path), [str(selection)], None, "0.5")
-    np.testing.assert_allclose(blended, 0.5 * read_targets + 0.5 * cellwise.broadcast_image_labels(
-        image_ids, read_label_tables(layout.train_csv)), atol=1e-6)
-    assert cellwise.main(cellwise_args + ["--out_dir", "cells_on_mlp_targets", "--cell-level-labels-path",
-                                          str(targets_path)]) == 0
     refit = dict(cell_classifier.fit_cell_classifier(features, targets, max_iter=5), mil=mil)  # same data and seed
     assert np.array_equal(cell_classifier.predict_cell_classifier(refit, features),
                           cell_classifier.predict_cell_classifier(classifier, features))
@@ -148,7 +132,6 @@ def check_feature_model_stage(layout, outputs, selection, cellwise_args):
     assert np.allclose(cell_classifier.predict_cell_classifier(refit, features),
                        (trees_only + cell_mil.predict_mil_model(mil, features)) / 2)
     assert train_cell_features.main(common + ["--mil-models", "0"]) == 0
-    assert not targets_path.exists()  # no MLPs: no targets of theirs left from the run before
     assert np.array_equal(cell_classifier.predict_cell_classifier(
         cell_classifier.load(outputs.feature_model_path("cell_features")), features), trees_only)
     # relabelled targets: from 2-fold out-of-fold predictions, then the same fit

@@ -105,7 +105,6 @@ class DatasetLayout:
 #   denoising_folds.csv                   ID,cell_i,fold          cells split into denoising folds
 #   models/{run_name}/fold{N}/            checkpoints, metrics.csv, curves.png
 #   models/{run_name}/feature_model.joblib   cell feature model (src.features.cell_classifier)
-#   models/{run_name}/feature_targets.h5     its MLPs' predictions of the training cells (CELL_PREDICTION_DATASETS)
 #   pseudo_labels.h5                      per-cell predictions and embeddings (PSEUDO_LABEL_DATASETS)
 #   denoising/fold{K}.h5                  Y_init, Y_opt, image_id, cell_i, eigenvalues (DENOISED_DATASETS)
 # ---------------------------------------------------------------------------------------------
@@ -119,11 +118,6 @@ PSEUDO_LABEL_DATASETS = {
     "predictions": "float16 (N, 19)  mean sigmoid over TTA views",
     "embeddings": "float16 (N, 1024) mean penultimate embedding over TTA views",
 }
-# Per-cell predictions alone, in the pseudo-label layout (the same `images/` index) without fold and embeddings:
-# models/{run_name}/feature_targets.h5, the multiple-instance MLPs of stage 9b on every training cell; the cell-level CNN's
-# targets when the feature model runs (train_cellwise --cell-level-labels-path).
-CELL_PREDICTION_DATASETS = {name: PSEUDO_LABEL_DATASETS[name] for name in ("image_id", "cell_i", "source")}
-CELL_PREDICTION_DATASETS["predictions"] = "float16 (N, 19)  the MLPs' mean probability; Negative = min over classes of (1 - P)"
 DENOISING_FOLDS_COLUMNS = ("ID", "cell_i", "fold")
 SELECTION_COLUMNS = ("ID", "cell_i")
 FUSION_COLUMNS = ("class", "name", "weight", "ap_cell", "ap_fused")  # fusion_weights.csv (src.predict.choose_fusion)
@@ -162,9 +156,6 @@ class OutputLayout:
     @property
     def pseudo_labels_h5(self) -> Path:
         return self.root / "pseudo_labels.h5"
-
-    def feature_targets_h5(self, run_name: str) -> Path:
-        return self.root / "models" / run_name / "feature_targets.h5"
 
     @property
     def fusion_weights_csv(self) -> Path:

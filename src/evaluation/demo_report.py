@@ -11,9 +11,7 @@ the cell feature model when `models/cell_features/feature_model.joblib` exists, 
 field's highest cell by --image-context; (d0) the CNN alone), (e) (d) fused with the image-level whole-field
 prediction (the pipeline's submission.csv; weights from fusion_weights.csv when chosen).
 Training split (the labels the cell-level model learns from): (a) the noisy image labels
-broadcast, (b) the out-of-fold pseudo-labels, (c) the pseudo-labels with the denoising additions,
-(t) where the feature model ran, what the CNN learnt from instead of (c): the feature model's MLPs
-(`feature_targets.h5`) with the denoising additions.
+broadcast, (b) the out-of-fold pseudo-labels, (c) the pseudo-labels with the denoising additions.
 Also (d) / (a), the classes where (d) is more than 0.05 AP below (a), and (d) - (a) with a 95%
 interval from a paired bootstrap over the test images. `per_class_ap.png`: per-class test AP bars.
 """
@@ -47,9 +45,7 @@ BOOTSTRAP_RESAMPLES = 1000
 MITOTIC = "Mitotic spindle"  # the class the demo's denoising selection adds
 CLASS_MARGIN = 0.05  # the target: no class more than this AP below the broadcast baseline
 ROW_NAMES = {"a": "(a) image labels broadcast to every cell", "b": "(b) image-level model per cell (out of fold on train)",
-             "c": "(c) pseudo-labels + denoising additions",
-             "t": "(t) the cell feature model's MLPs + denoising additions (the CNN's pseudo-labels instead of (c))",
-             "d0": "(d0) cell-level CNN alone",
+             "c": "(c) pseudo-labels + denoising additions", "d0": "(d0) cell-level CNN alone",
              "d": "(d) cell-level model",
              "e": "(e) cell-level + image-level fusion"}
 
@@ -86,11 +82,10 @@ def broadcast(outputs: OutputLayout, source: str, labels: dict[str, str]) -> dic
     return result
 
 
-def pseudo_label_probabilities(labels_h5: Path, selection: Path | None,
+def pseudo_label_probabilities(outputs: OutputLayout, selection: Path | None,
                                cls: int = CLASS_INDEX[MITOTIC]) -> tuple[dict, dict]:
-    """Per-image predictions of a pseudo-label store (the out-of-fold pseudo-labels, or the feature model's
-    targets), and the same with the selected cells set to 1 for `cls`."""
-    with store.PseudoLabels(labels_h5) as pseudo:
+    """Out-of-fold pseudo-labels per image, and the same with the selected cells set to 1 for `cls`."""
+    with store.PseudoLabels(outputs.pseudo_labels_h5) as pseudo:
         plain = {image_id: pseudo.image(image_id, ("predictions",))["predictions"].astype(np.float64)
                  for image_id in pseudo.image_index}
     added = {image_id: rows.copy() for image_id, rows in plain.items()}
@@ -174,7 +169,7 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
     clean = pd.read_csv(layout.truth_image_labels_csv, dtype={"ID": str, "Label": str})
     test_labels = dict(zip(clean.loc[clean["split"] == "test", "ID"], clean.loc[clean["split"] == "test", "Label"]))
     noisy = pd.read_csv(layout.train_csv, dtype={"ID": str, "Label": str})
-    plain, added = pseudo_label_probabilities(outputs.pseudo_labels_h5, selection_csv(MITOTIC, outputs.root))
+    plain, added = pseudo_label_probabilities(outputs, selection_csv(MITOTIC, outputs.root))
 
     def submission(path: Path) -> list[Prediction]:
         return parse_submission(pd.read_csv(path, dtype={"ID": str, "PredictionString": str}, keep_default_na=False))
@@ -190,10 +185,6 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
                    train_truth),
         "b": score(cell_predictions(outputs, "train", plain), train_truth),
         "c": score(cell_predictions(outputs, "train", added), train_truth)}
-    feature_targets = outputs.feature_targets_h5(args.feature_run)
-    if use_features and feature_targets.is_file():  # what the CNN learnt from instead of (c)
-        mlp_targets = pseudo_label_probabilities(feature_targets, selection_csv(MITOTIC, outputs.root))[1]
-        train_scores["t"] = score(cell_predictions(outputs, "train", mlp_targets), train_truth)
     names = dict(ROW_NAMES, e=f"{ROW_NAMES['e']} ({fusion_description(outputs)})")
     if add_ons:
         parts = ["CNN"] + (["cell feature model"] if use_features else []) + (
@@ -201,8 +192,6 @@ def score_run(label: str, layout: DatasetLayout, outputs: OutputLayout, args) ->
         names["d"] = f"{ROW_NAMES['d']} ({' + '.join(parts)})"
     else:
         del names["d0"]
-    if "t" not in train_scores:
-        del names["t"]
     lines = ["| predictions | held-out test mAP | train split mAP |", "|---|---|---|"]
     for key, name in names.items():
         cells = [f"{scores[key][0]:.4f}" if key in scores else "" for scores in (test_scores, train_scores)]

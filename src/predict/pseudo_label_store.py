@@ -148,33 +148,6 @@ def unify(final_path: str | os.PathLike, compression: str | None = "gzip") -> in
     return total
 
 
-def write_cell_predictions(final_path: str | os.PathLike, image_ids: np.ndarray, cell_indices: np.ndarray,
-                           sources: np.ndarray, predictions: np.ndarray, compression: str | None = "gzip") -> int:
-    """Write a store of per-cell predictions alone (schema.CELL_PREDICTION_DATASETS: the pseudo-label layout
-    without fold and embeddings), which `PseudoLabels` reads; through a temporary name. The rows of an
-    image must be contiguous. Returns the row count."""
-    image_ids = encode_ids(image_ids)
-    predictions = np.asarray(predictions)
-    if not len(image_ids) == len(cell_indices) == len(sources) == len(predictions) or predictions.shape[1:] != (NUM_CLASSES,):
-        raise ValueError(f"{len(image_ids)} IDs, {len(cell_indices)} cell indices, {len(sources)} sources and "
-                         f"predictions {predictions.shape} do not match")
-    starts, counts = _runs(image_ids)
-    if len(set(image_ids[starts].tolist())) != len(starts):
-        raise ValueError("the rows of an image are not contiguous")
-    columns = {"image_id": image_ids, "cell_i": np.asarray(cell_indices, np.int32),
-               "source": np.asarray(sources, np.uint8), "predictions": predictions.astype(np.float16)}
-    with atomic_path(final_path) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            for name, data in columns.items():
-                chunks = (min(ROW_CHUNK, len(data)),) + data.shape[1:] if len(data) else None
-                handle.create_dataset(name, data=data, chunks=chunks, compression=compression if chunks else None)
-            handle.create_dataset("images/image_id", data=image_ids[starts])
-            handle.create_dataset("images/start", data=starts.astype(np.int64))
-            handle.create_dataset("images/count", data=np.asarray(counts, np.int32))
-            handle.attrs["num_classes"] = NUM_CLASSES
-    return len(image_ids)
-
-
 def _append(handle: h5py.File, rows: CellRows, keep: np.ndarray, compression: str | None) -> None:
     if not keep.any():
         return  # a part of images with no cell may not know the embedding width: add nothing

@@ -1,19 +1,16 @@
-"""Cell feature model (stage 9b): gradient-boosted trees and multiple-instance MLPs on hand-crafted cell descriptors.
+"""Cell feature model (stage 9b): gradient-boosted trees on hand-crafted cell descriptors, same targets as the CNN.
 
     python -m src.train.train_cell_features --dataset input/synthetic --output output --image-label-weight 0.5
 
 Every cell of the pseudo-label store gets the descriptors of `src.features.cell_features` (read at the
-field's own resolution from the full-resolution cache) and the pseudo-label targets (the image-level
-model's pseudo-labels, --selection cells set to 1, blended with the image labels by --image-label-weight);
+field's own resolution from the full-resolution cache) and the cell-level CNN's training targets
+(pseudo-labels, --selection cells set to 1, blended with the image labels by --image-label-weight);
 with --relabel-folds K (off by default), those targets first go through one multiple-instance step
 (`cell_classifier.relabel_targets`: out-of-fold predictions over K folds of images, rescaled within
 each field labelled with the class); one classifier per class is then fit on all cells. Beside the
 trees, --mil-models small MLPs are fit on the same descriptors to the image labels alone, through a
 multiple-instance pooling of each field's cells (`src.features.cell_mil`); the saved model predicts
-the mean of the trees and those MLPs. Both go to `{output}/models/{run-name}/feature_model.joblib`,
-and the MLPs' predictions of the training cells to `feature_targets.h5` beside it: the targets of
-the cell-level CNN (stage 9, `train_cellwise --cell-level-labels-path`), which run_pipeline.sh trains
-after this stage; they beat the image-level model's pseudo-labels as targets (README).
+the mean of the trees and those MLPs. Both go to `{output}/models/{run-name}/feature_model.joblib`.
 `predict_submission --feature-model` averages its predictions with the CNN's. It exists because a
 CNN trained from scratch on a small dataset's ~1000 cells does not learn one-to-two-pixel dots, which
 the descriptors measure directly.
@@ -30,13 +27,10 @@ from tqdm import tqdm
 
 from src.data.bbox_records import read_record, record_path
 from src.data.cache import load_full_resolution
-from src.data.classes import NEGATIVE
 from src.data.labels import read_label_tables
 from src.data.schema import DatasetLayout, OutputLayout
 from src.features import cell_classifier, cell_mil
 from src.features.cell_features import record_features
-from src.predict.predict_submission import negative_probability
-from src.predict.pseudo_label_store import SOURCE_CODES, write_cell_predictions
 from src.train.train_cellwise import broadcast_image_labels, cell_targets
 from src.utils.io import UserInputError, run_cli, setup_logging
 
@@ -129,16 +123,6 @@ def main(argv=None) -> int:
         log.info("multiple-instance MLPs fit to the labels of %d fields: %.1f s", len(field_ids), time.time() - started)
     path = outputs.feature_model_path(args.run_name)
     cell_classifier.save(classifier, path)
-    if classifier["mil"] is not None:
-        mil_predictions = cell_mil.predict_mil_model(classifier["mil"], features)
-        mil_predictions[:, NEGATIVE] = negative_probability(mil_predictions)
-        targets_path = outputs.feature_targets_h5(args.run_name)
-        write_cell_predictions(targets_path, image_ids, cells["cell_i"].to_numpy(),
-                               [SOURCE_CODES[source] for source in cells["source"]], mil_predictions)
-        log.info("wrote the MLPs' predictions of the %d training cells (the cell-level CNN's targets): %s",
-                 len(cells), targets_path)
-    else:  # one left from an earlier run must not be taken for this model's
-        outputs.feature_targets_h5(args.run_name).unlink(missing_ok=True)
     fitted = sum(not isinstance(model, (float, type(None))) for model in classifier["models"])
     log.info("fit %d classes in %.1f s in all; wrote %s", fitted, time.time() - started, path)
     return 0
